@@ -1,0 +1,192 @@
+"""Semantic segmentation helpers: paired image/mask transforms, confusion-matrix metrics, colouring and overlays.
+
+Formats: images are uint8 (H, W, 3) arrays before normalisation and float32 (N, 3, H, W) tensors after it; masks
+are (H, W) uint8 class indices before batching and int64 (N, H, W) after it, with ``ignore_index`` marking pixels
+that loss and metrics skip. A confusion matrix ``cm`` is (K, K) with ``cm[true, predicted]`` pixel counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+#: ImageNet channel statistics that torchvision's pretrained backbones expect (RGB, in [0, 1] units).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Padding colour for images: the ImageNet mean, which normalises to exactly zero input.
+PAD_COLOR = tuple(round(255 * m) for m in IMAGENET_MEAN)
+UINT8_MAX = 255
+
+
+def window(
+    image: np.ndarray, mask: np.ndarray, top: int, left: int, size: tuple[int, int], ignore_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the (height, width) ``size`` window at (``top``, ``left``) out of an image and its mask.
+
+    The window may reach outside the image (negative origin, or beyond the far edge): those pixels are filled with
+    ``PAD_COLOR`` in the image and ``ignore_index`` in the mask, so one primitive both crops and pads.
+    """
+    height, width = size
+    out_image = np.empty((height, width, 3), dtype=np.uint8)
+    out_image[:] = PAD_COLOR
+    out_mask = np.full((height, width), ignore_index, dtype=np.uint8)
+    src_top, src_left = max(top, 0), max(left, 0)
+    src_bottom, src_right = min(top + height, image.shape[0]), min(left + width, image.shape[1])
+    if src_bottom > src_top and src_right > src_left:
+        dst = (slice(src_top - top, src_bottom - top), slice(src_left - left, src_right - left))
+        out_image[dst] = image[src_top:src_bottom, src_left:src_right]
+        out_mask[dst] = mask[src_top:src_bottom, src_left:src_right]
+    return out_image, out_mask
+
+
+def fits(shape: Sequence[int], size: tuple[int, int]) -> bool:
+    """Whether an image of ``shape`` (H, W, ...) covers a (height, width) crop without padding."""
+    return shape[0] >= size[0] and shape[1] >= size[1]
+
+
+def random_origin(length: int, crop: int, rng: np.random.Generator) -> int:
+    """Uniform crop offset along one axis; negative (random placement inside the padding) when ``length < crop``."""
+    low, high = min(0, length - crop), max(0, length - crop)
+    return int(rng.integers(low, high + 1))
+
+
+def random_crop_pair(
+    image: np.ndarray, mask: np.ndarray, size: tuple[int, int], rng: np.random.Generator, ignore_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same random (height, width) crop rectangle of image and mask (d2l's ``voc_rand_crop``); pads if small."""
+    top = random_origin(image.shape[0], size[0], rng)
+    left = random_origin(image.shape[1], size[1], rng)
+    return window(image, mask, top, left, size, ignore_index)
+
+
+def center_crop_pair(
+    image: np.ndarray, mask: np.ndarray, size: tuple[int, int], ignore_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic centred (height, width) crop of image and mask, padding evenly where the image is smaller."""
+    top = (image.shape[0] - size[0]) // 2
+    left = (image.shape[1] - size[1]) // 2
+    return window(image, mask, top, left, size, ignore_index)
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) standardised with the ImageNet mean and std."""
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    scaled = (images.astype(np.float32) / UINT8_MAX - mean) / std
+    return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
+
+
+def denormalize_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`normalize_images` for display: float (N, 3, H, W) -> uint8 (N, H, W, 3)."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+    pixels = (images * std + mean) * UINT8_MAX
+    return np.clip(np.rint(pixels), 0, UINT8_MAX).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def paired_batch(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], size: tuple[int, int], *, train: bool,
+    rng: np.random.Generator, hflip_prob: float, ignore_index: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Variable-size uint8 images (H, W, 3) and masks (H, W) -> float32 (N, 3, h, w) and int64 (N, h, w).
+
+    ``train``: the same random crop rectangle and the same horizontal flip (with ``hflip_prob``) for image and
+    mask. Otherwise a deterministic centre crop. Either way, images smaller than ``size`` are padded
+    (``PAD_COLOR`` / ``ignore_index``), so every batch stacks.
+    """
+    out_images, out_masks = [], []
+    for image, mask in zip(images, masks, strict=True):
+        if train:
+            image, mask = random_crop_pair(image, mask, size, rng, ignore_index)
+            if rng.random() < hflip_prob:
+                image, mask = image[:, ::-1], mask[:, ::-1]
+        else:
+            image, mask = center_crop_pair(image, mask, size, ignore_index)
+        out_images.append(image)
+        out_masks.append(mask)
+    return normalize_images(np.stack(out_images)), np.stack(out_masks).astype(np.int64)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """(K, K) float64 counts ``cm[true, predicted]`` over pixels whose target is not ``ignore_index``.
+
+    ``pred`` and ``target`` are integer class maps of the same shape, e.g. (N, H, W).
+    """
+    valid = target != ignore_index
+    codes = target[valid].long() * num_classes + pred[valid].long()
+    counts = torch.bincount(codes, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).to(torch.float64)
+
+
+def pixel_accuracy(cm: torch.Tensor) -> float:
+    """Share of labelled pixels predicted right (d2l's "test acc" for segmentation)."""
+    total = float(cm.sum())
+    return float(torch.diagonal(cm).sum()) / total if total else float("nan")
+
+
+def class_iou(cm: torch.Tensor) -> torch.Tensor:
+    """Per-class intersection over union, (K,) float64; NaN for classes absent from both truth and prediction."""
+    cm = cm.to(torch.float64)
+    intersection = torch.diagonal(cm)
+    union = cm.sum(0) + cm.sum(1) - intersection
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.full_like(union, float("nan")))
+
+
+def mean_iou(cm: torch.Tensor) -> float:
+    """Mean IoU over the classes present in the truth or the prediction (a predicted-only class scores 0)."""
+    return float(torch.nanmean(class_iou(cm)))
+
+
+def constant_prediction_confusion(cm: torch.Tensor, class_index: int) -> torch.Tensor:
+    """The confusion matrix a model predicting ``class_index`` for every pixel would get on the same truth."""
+    constant = torch.zeros_like(cm)
+    constant[:, class_index] = cm.sum(1)
+    return constant
+
+
+def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Class mask (H, W) -> uint8 (H, W, 3) through a (256, 3) palette."""
+    return palette[np.asarray(mask, dtype=np.int64).clip(0, len(palette) - 1)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend class colours over an image (H, W, 3) uint8; background (class 0) pixels keep the image unchanged."""
+    colours = colorize(mask, palette).astype(np.float32)
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
+    out = np.where((np.asarray(mask) != 0)[..., None], blended, image.astype(np.float32))
+    return np.clip(np.rint(out), 0, UINT8_MAX).astype(np.uint8)
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> Image.Image:
+    """Lay out uint8 (H, W, 3) tiles row by row on a white canvas, each cell the size of the largest tile."""
+    cell_h = max(tile.shape[0] for row in rows for tile in row)
+    cell_w = max(tile.shape[1] for row in rows for tile in row)
+    columns = max(len(row) for row in rows)
+    canvas = Image.new("RGB", (columns * (cell_w + gap) + gap, len(rows) * (cell_h + gap) + gap), "white")
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            corner = (gap + c * (cell_w + gap), gap + r * (cell_h + gap))
+            canvas.paste(Image.fromarray(np.ascontiguousarray(tile)), corner)
+    return canvas
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Class masks (H, W) uint8 for uint8 (H, W, 3) images of any size, one forward pass per image.
+
+    ``model`` maps ImageNet-normalised (1, 3, H, W) input to (1, K, H, W) class scores (e.g. an FCN). It is put in
+    eval mode and run on the device of its parameters.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    masks = []
+    for image in images:
+        x = torch.from_numpy(normalize_images(np.asarray(image)[None])).to(device)
+        masks.append(model(x).argmax(1)[0].to(torch.uint8).cpu().numpy())
+    return masks

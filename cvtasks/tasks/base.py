@@ -1,0 +1,106 @@
+"""The small interface through which every task plugs into raycv's generic Ray pipeline.
+
+Data flows as dicts of numpy arrays (Ray Data's "numpy" batch format) until the training loop turns
+them into tensors:
+
+    index(root, split)  -> DataFrame, one row per sample (paths, labels; nothing decoded)
+    decode(batch)       -> uint8 arrays; deterministic, so the pipeline may cache its output
+    augment(batch)      -> model-ready float32 / int64 arrays, freshly random each call when train=True
+    forward/loss        -> weighted loss and its named parts
+    metric_sums         -> additive tensors, summed over batches and workers, then ``summarize``d
+
+``cfg`` is the task's resolved config: a nested dict loaded from ``pipelines/configs/<task>.yaml``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+Batch = dict[str, np.ndarray]
+TensorBatch = dict[str, torch.Tensor]
+Config = dict[str, Any]
+
+
+class Task(ABC):
+    """One computer-vision workload: data format, augmentation, model, loss, metrics, pictures."""
+
+    name: ClassVar[str]
+    #: Headline validation metric (a key returned by ``summarize``), maximised by sweeps.
+    metric: ClassVar[str]
+    #: Keys of the augmented batch that are model inputs / targets, moved to the device as tensors.
+    tensor_keys: ClassVar[tuple[str, ...]] = ("image", "label")
+    #: Whether ``metric_sums`` also runs on training batches (off where it is costly, e.g. mAP after NMS).
+    train_metrics: ClassVar[bool] = True
+
+    @abstractmethod
+    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
+        """One row per sample of ``split`` ("train" or "val") under dataset root ``root``."""
+
+    @abstractmethod
+    def decode(self, batch: Batch, cfg: Config) -> Batch:
+        """Index rows -> decoded uint8 arrays. Must be deterministic: its output may be cached.
+
+        A task may add a boolean column ``keep``: rows with ``keep=False`` (bad files skipped under
+        ``data.skip_bad``, images too small to crop) are dropped by the pipeline, which counts and logs them.
+        """
+
+    @abstractmethod
+    def augment(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
+        """Decoded arrays -> model-ready arrays of one shape per key (random when ``train``)."""
+
+    @abstractmethod
+    def build_model(self, cfg: Config) -> nn.Module:
+        """A fresh model (pretrained weights resolved from ``cfg`` where the task uses them).
+
+        A model built from pretrained weights may carry a ``weights_description`` attribute saying what was used;
+        raycv shows it on the console and as the MLflow tag ``raycv.weights``.
+        """
+
+    def param_groups(self, model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; ``lr`` in a group is a multiple of the base lr (key ``lr_mult``)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_mult": 1.0}]
+
+    def forward(self, model: nn.Module, batch: TensorBatch) -> Any:
+        return model(batch["image"])
+
+    @abstractmethod
+    def loss(self, out: Any, batch: TensorBatch, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted total loss (mean over the batch) and its named, detached parts."""
+
+    @abstractmethod
+    def metric_sums(self, out: Any, batch: TensorBatch, cfg: Config) -> dict[str, torch.Tensor]:
+        """Additive statistics of one batch (counts, sums, histograms, confusion matrices)."""
+
+    @abstractmethod
+    def summarize(self, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, float]:
+        """Metrics from statistics summed over all batches and workers, keyed without a split prefix.
+
+        The loop adds "train_"/"val_": ``{"acc": 0.9}`` becomes ``val_acc``, which ``metric`` names.
+        """
+
+    @abstractmethod
+    def render_inputs(self, batch: Batch, cfg: Config) -> Image.Image:
+        """A grid of augmented training samples, as the model sees them."""
+
+    @abstractmethod
+    def render_predictions(self, model: nn.Module, batch: TensorBatch, cfg: Config) -> Image.Image:
+        """A grid of validation samples with predictions drawn against the truth."""
+
+    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
+        """Task-specific files for MLflow: name -> PIL image, text or dict (JSON). None by default."""
+        return {}
+
+    def predict_files(self, model: nn.Module, paths: list[str], out_dir: Path, cfg: Config) -> list[Path]:
+        """``raycv predict``: run ``model`` (in eval mode, on CPU) on image files, write results under ``out_dir``.
+
+        ``cfg`` is the config the model was trained with. Returns the files written (pictures, JSON).
+        """
+        raise NotImplementedError(f"raycv predict is not available for task {self.name!r}")

@@ -1,0 +1,34 @@
+"""CIFAR-10 image classification with d2l's CIFAR ResNet-18 (d2l 13.1, image augmentation).
+
+Data: ``cifar-10-batches-py`` under ``data.root`` (:mod:`cvtasks.formats.cifar`). The index carries each image's raw
+bytes, so ``decode`` is one reshape per batch. Inputs stay in [0, 1] (d2l's ``ToTensor`` only); training batches get
+``augment.policy`` (d2l: random horizontal flip).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from cvtasks.classification import ClassificationTask
+from cvtasks.formats import cifar
+from cvtasks.models.resnet import cifar_resnet18
+from cvtasks.tasks.base import Batch, Config
+
+
+class Cifar10Task(ClassificationTask):
+    name = "cifar10"
+
+    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
+        return cifar.index(root, split)
+
+    def decode(self, batch: Batch, cfg: Config) -> Batch:
+        images = cifar.decode_pixels(batch["pixels"], batch["path"], batch["row"])
+        return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)}
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        return cifar_resnet18(num_classes=len(self.class_names(cfg)), width=int(cfg["model"]["width"]))
+
+    def read_class_names(self, cfg: Config) -> list[str]:
+        return cifar.read_label_names(cfg["data"]["root"])

@@ -1,0 +1,182 @@
+"""``raycv`` command line: data preparation, training, sweeps, prediction, style transfer, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipelines.config import ConfigError, available_tasks, load_config
+from pipelines.download import DownloadError
+
+log = logging.getLogger("raycv")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=available_tasks())
+    p.add_argument("--data-root", help="folder holding the dataset's own top folder (local path or s3:// URI)")
+    p.add_argument("--config", help="a YAML file of config values that override the task's defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set optim.lr=0.01 (repeatable)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP processes) per run")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU training)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--storage", help="Ray Train checkpoint storage (default: $RAYCV_STORAGE or ./ray_results)")
+
+
+def resolved_config(args: argparse.Namespace) -> dict:
+    """The task config with --config, --set and the shorthand flags applied, in that order."""
+    overrides = list(args.overrides)
+    shorthands = {
+        "data.root": args.data_root, "scaling.workers": args.workers, "scaling.gpus_per_worker":
+        args.gpus_per_worker, "scaling.cpus_per_worker": args.cpus_per_worker, "train.epochs": args.epochs,
+    }
+    overrides += [f"{key}={value}" for key, value in shorthands.items() if value is not None]
+    cfg = load_config(args.task, args.config, overrides)
+    # GPU runs train in bfloat16 autocast unless the user says otherwise.
+    if cfg["scaling"]["gpus_per_worker"] and not _amp_explicit(overrides):
+        cfg["train"]["amp"] = True
+    return cfg
+
+
+def _amp_explicit(overrides: list[str]) -> bool:
+    return any(o.split("=", 1)[0].strip() == "train.amp" for o in overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.cluster import connect
+    from pipelines.report import print_summary
+    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.train import run_training
+
+    cfg = resolved_config(args)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    connect(args.address)
+    outcome = run_training(cfg, tracking_uri, resume=args.resume, storage=args.storage)
+    print_summary([(cfg["task"], outcome)], tracking_uri, metric_key=None)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipelines.cluster import connect
+    from pipelines.report import format_table, ui_command
+    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tune import run_sweep
+
+    cfg = resolved_config(args)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    connect(args.address)
+    outcome = run_sweep(cfg, tracking_uri, num_samples=args.num_samples, scheduler=args.scheduler,
+                        max_concurrent=args.max_concurrent, resume=args.resume, storage=args.storage)
+    metric = next(k for k in outcome.trials[0] if k.startswith("val_")) if outcome.trials else "metric"
+    print()
+    print(format_table(list(outcome.trials[0]), [list(t.values()) for t in outcome.trials]) if outcome.trials
+          else "no trials ran")
+    print(f"\nbest {metric} = {outcome.best_metric:.4g} with {outcome.best_config} (run {outcome.best_run_id})")
+    if outcome.registered_version:
+        print(f"registered as raycv-{cfg['task']} version {outcome.registered_version} (alias 'best')")
+    print(f"sweep parent run {outcome.parent_run_id}; resume an interrupted sweep: --resume {outcome.experiment_path}")
+    print(f"MLflow UI: {ui_command(tracking_uri)}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pipelines import datasets
+
+    if args.data_command == "make-demo":
+        datasets.make_demo(args.root, seed=args.seed, only=args.only)
+    elif args.data_command == "download":
+        path = datasets.download(args.name, args.root)
+        print(f"{args.name}: ready at {path}")
+    elif args.data_command == "check":
+        cfg = load_config(args.task, overrides=[f"data.root={args.root}"])
+        return datasets.check(cfg)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.predict import predict
+    from pipelines.tracking import resolve_tracking_uri
+
+    written = predict(args.task, args.model, args.images, args.out, resolve_tracking_uri(args.tracking_uri))
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.cluster import connect
+    from pipelines.demo import run_demo
+    from pipelines.tracking import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    connect(args.address)
+    run_demo(args.root, tracking_uri, only=args.only)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raycv", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one task with Ray Train, tracked in MLflow")
+    _add_run_options(train)
+    train.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
+                       help="continue an earlier run (default: the latest of this task) from its last checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    sweep = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (each trial a Ray Train run)")
+    _add_run_options(sweep)
+    sweep.add_argument("--num-samples", type=int, default=4, help="trials to sample from the search space")
+    sweep.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    sweep.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
+    sweep.add_argument("--resume", metavar="PATH", help="continue the interrupted sweep stored at PATH")
+    sweep.set_defaults(func=cmd_tune)
+
+    predict = sub.add_parser("predict", help="apply a model logged by a raycv run to image files")
+    predict.add_argument("task", choices=available_tasks())
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--model", required=True,
+                         help="MLflow model URI: runs:/<run id>/model or models:/raycv-<task>@best")
+    predict.add_argument("--out", default="predictions", help="folder for the pictures and JSON written")
+    predict.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    predict.set_defaults(func=cmd_predict)
+
+    demo_cmd = sub.add_parser("demo", help="write the demo data, train every task and one sweep, print a summary")
+    demo_cmd.add_argument("--root", default="data/demo", help="where the demo datasets are (re)used or written")
+    demo_cmd.add_argument("--only", action="append", help="only these demo steps (repeatable), e.g. --only cifar10")
+    demo_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    demo_cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    demo_cmd.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="prepare and check datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    demo = data_sub.add_parser("make-demo", help="write small synthetic datasets in the real on-disk formats")
+    demo.add_argument("--root", default="data/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--only", action="append", help="only these datasets (repeatable)")
+    download = data_sub.add_parser("download", help="download a real dataset (needs internet)")
+    download.add_argument("name")
+    download.add_argument("--root", default="data/real")
+    check = data_sub.add_parser("check", help="count samples per split/class and find bad files")
+    check.add_argument("task", choices=available_tasks())
+    check.add_argument("--root", default="data/demo")
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DownloadError, ValueError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
+        print(f"raycv: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,107 @@
+"""``raycv data``: write the demo datasets, download the real ones, and check a dataset before training."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cvtasks.errors import DataFormatError
+from cvtasks.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+#: Demo datasets: name -> ("module:function" taking ``(root, seed=)``, folder it writes under the root).
+DEMO_WRITERS: dict[str, tuple[str, str]] = {
+    "cifar10": ("cvtasks.demo.cifar:write", "cifar-10-batches-py"),
+    "hotdog": ("cvtasks.demo.hotdog:write", "hotdog"),
+    "hotdog-source": ("cvtasks.demo.hotdog:write_source", "hotdog-source"),
+    "banana": ("cvtasks.demo.banana:write", "banana-detection"),
+    "voc": ("cvtasks.demo.voc:write", "VOCdevkit"),
+}
+DEMO_MARKER = ".raycv-demo"
+
+
+def make_demo(root: str | Path, seed: int = 0, only: list[str] | None = None) -> dict[str, Path]:
+    """Write each demo dataset under ``root`` unless an earlier run already finished writing it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    names = only or list(DEMO_WRITERS)
+    unknown = sorted(set(names) - set(DEMO_WRITERS))
+    if unknown:
+        raise ValueError(f"unknown demo dataset(s) {unknown}; known: {', '.join(DEMO_WRITERS)}")
+    written = {}
+    for name in names:
+        writer, folder = DEMO_WRITERS[name]
+        marker = root / folder / DEMO_MARKER
+        if marker.exists() and marker.read_text().strip() == str(seed):
+            log.info("demo %s: already at %s (seed %d), reusing it", name, root / folder, seed)
+        else:
+            log.info("demo %s: writing %s ...", name, root / folder)
+            module_name, function = writer.split(":")
+            getattr(importlib.import_module(module_name), function)(root, seed=seed)
+            marker.write_text(str(seed))
+        written[name] = root / folder
+    return written
+
+
+def download(name: str, root: str | Path) -> Path:
+    from pipelines.download import download as fetch
+
+    return fetch(name, root, progress=_log_progress)
+
+
+def _log_progress(done: int, total: int | None) -> None:
+    if total:
+        log.info("downloaded %.1f / %.1f MB (%.0f%%)", done / 1e6, total / 1e6, 100 * done / total)
+    else:
+        log.info("downloaded %.1f MB", done / 1e6)
+
+
+def find_bad_rows(task_name: str, cfg: dict, index: pd.DataFrame, batch_size: int = 64) -> list[str]:
+    """Decode every row; return one message per bad sample (the error naming its file)."""
+    task = get_task(task_name)
+    problems = []
+    for start in range(0, len(index), batch_size):
+        chunk = index.iloc[start : start + batch_size]
+        try:
+            task.decode({c: chunk[c].to_numpy() for c in chunk.columns}, cfg)
+        except DataFormatError:
+            for i in range(len(chunk)):
+                row = chunk.iloc[i : i + 1]
+                try:
+                    task.decode({c: row[c].to_numpy() for c in row.columns}, cfg)
+                except DataFormatError as exc:
+                    problems.append(str(exc))
+    return problems
+
+
+def check(cfg: dict) -> int:
+    """Print samples per split (and per class where the index has a scalar ``label``) and every bad file."""
+    task = get_task(cfg["task"])
+    bad_total = 0
+    for split in ("train", "val"):
+        try:
+            index = task.index(cfg["data"]["root"], split, cfg)
+        except DataFormatError as exc:
+            print(f"{split}: ERROR {exc}")
+            bad_total += 1
+            continue
+        line = f"{split}: {len(index)} samples"
+        if "label" in index.columns and np.issubdtype(index["label"].dtype, np.number):
+            counts = Counter(index["label"].tolist())
+            line += " | per class: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        print(line)
+        skipped = index.attrs.get("skipped")
+        if skipped:
+            print(f"  index skipped rows: {skipped}")
+        problems = find_bad_rows(cfg["task"], cfg, index)
+        for problem in problems:
+            print(f"  BAD {problem}")
+        bad_total += len(problems)
+    print("ok" if bad_total == 0 else f"{bad_total} problem(s) found")
+    return 0 if bad_total == 0 else 1

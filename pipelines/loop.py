@@ -1,0 +1,270 @@
+"""The Ray Train worker loop: generic over tasks, DDP on CPUs or GPUs, checkpoint + report every epoch.
+
+Rank 0 logs each epoch to MLflow right after ``ray.train.report`` has persisted the epoch's checkpoint. A
+restarted attempt (worker failure or ``--resume``) first replays the checkpoint's metric history into MLflow for
+epochs MLflow lacks, so no epoch is lost or logged twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from cvtasks.tasks import get_task
+from cvtasks.tasks.base import Config, Task, TensorBatch
+from pipelines import tracking
+from pipelines.plots import learning_curves
+from pipelines.weights import resolve_model_uris
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def make_optimizer(groups: list[dict[str, Any]], optim: Config) -> torch.optim.Optimizer:
+    """Adam or SGD over parameter groups whose ``lr_mult`` scales the base learning rate."""
+    lr = float(optim["lr"])
+    param_groups = [
+        {"params": g["params"], "lr": lr * float(g.get("lr_mult", 1.0)), "lr_mult": float(g.get("lr_mult", 1.0))}
+        for g in groups
+    ]
+    name = optim["name"]
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=lr, weight_decay=float(optim["weight_decay"]))
+    if name == "sgd":
+        return torch.optim.SGD(
+            param_groups, lr=lr, momentum=float(optim["momentum"]), weight_decay=float(optim["weight_decay"])
+        )
+    raise ValueError(f'Unknown optimizer "{name}": use adam or sgd')
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on GPUs when ``train.amp`` is on (no loss scaling needed); a no-op on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _all_reduce(sums: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum each statistic over all workers (keys sorted so every rank reduces in the same order)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {k: v.detach().cpu() for k, v in sums.items()}
+    out = {}
+    for key in sorted(sums):
+        value = sums[key].detach().to(device=device, dtype=torch.float64).clone()
+        dist.all_reduce(value)
+        out[key] = value.cpu()
+    return out
+
+
+def _add(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    for key, value in new.items():
+        value = value.detach().to(torch.float64)
+        acc[key] = acc[key] + value if key in acc else value
+
+
+def _loss_sums(loss: torch.Tensor, parts: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    sums = {"loss_sum": loss.detach() * n, "loss_count": torch.tensor(float(n), device=loss.device)}
+    sums.update({f"loss_{k}_sum": v.detach() * n for k, v in parts.items()})
+    return sums
+
+
+def _loss_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    count = float(sums.pop("loss_count"))
+    return {k[: -len("_sum")]: float(v) / max(count, 1.0) for k, v in list(sums.items()) if k.startswith("loss")}
+
+
+def run_epoch(
+    task: Task, model: nn.Module, batches: Any, cfg: Config, device: torch.device, *,
+    optimizer: torch.optim.Optimizer | None = None, on_first_batch: Any = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """One pass over ``batches``: trains when ``optimizer`` is given, else evaluates.
+
+    Returns (loss sums, task metric sums, number of examples), all local to this worker.
+    """
+    train = optimizer is not None
+    model.train(train)
+    loss_acc: dict[str, torch.Tensor] = {}
+    metric_acc: dict[str, torch.Tensor] = {}
+    seen = 0
+    amp = bool(cfg["train"]["amp"])
+    with torch.set_grad_enabled(train):
+        for step, batch in enumerate(batches):
+            if step == 0 and on_first_batch is not None:
+                on_first_batch(batch)
+            n = int(batch[task.tensor_keys[0]].shape[0])
+            with _autocast(device, amp):
+                out = task.forward(model, batch)
+                loss, parts = task.loss(out, batch, cfg)
+            if train:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            _add(loss_acc, _loss_sums(loss, parts, n))
+            if not train or task.train_metrics:
+                with torch.no_grad():
+                    _add(metric_acc, task.metric_sums(out, batch, cfg))
+            seen += n
+    return loss_acc, metric_acc, seen
+
+
+def _epoch_metrics(
+    task: Task, cfg: Config, prefix: str, loss_sums: dict[str, torch.Tensor], metric_sums: dict[str, torch.Tensor]
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    metrics = {f"{prefix}{k}": v for k, v in _loss_metrics(dict(loss_sums)).items()}
+    if metric_sums:
+        metrics.update({f"{prefix}{k}": float(v) for k, v in task.summarize(metric_sums, cfg).items()})
+    return metrics, metric_sums
+
+
+class _MlflowLogger:
+    """Rank 0's MLflow side of the loop; every method is a no-op on other ranks."""
+
+    def __init__(self, tracking_uri: str, run_id: str, active: bool) -> None:
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri) if active else None
+
+    def image(self, image: Any, path: str) -> None:
+        if self.client:
+            tracking.log_image(self.client, self.run_id, image, path)
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.client:
+            tracking.log_epoch(self.client, self.run_id, epoch, metrics)
+
+    def replay(self, history: list[dict[str, float]]) -> None:
+        if self.client:
+            replayed = tracking.replay_history(self.client, self.run_id, history)
+            if replayed:
+                log.info("replayed %d checkpointed epoch(s) missing from MLflow run %s", replayed, self.run_id)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.client:
+            tracking.set_tags(self.client, self.run_id, tags)
+
+    def finish(self, task: Task, model: nn.Module, cfg: Config, history: list[dict[str, float]],
+               val_batch: TensorBatch | None, val_sums: dict[str, torch.Tensor]) -> None:
+        if not self.client:
+            return
+        import mlflow
+        import mlflow.pytorch
+
+        client = self.client
+        client.log_image(self.run_id, learning_curves(history), artifact_file="plots/learning_curves.png")
+        model.eval()
+        if val_batch is not None:
+            with torch.no_grad():
+                client.log_image(self.run_id, task.render_predictions(model, val_batch, cfg),
+                                 artifact_file="plots/val_predictions.png")
+        for name, value in task.extra_artifacts(model, val_sums, cfg).items():
+            tracking.log_artifact_value(client, self.run_id, name, value)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            # Pickle format: every raycv model loads back with mlflow.pytorch.load_model where raycv is installed;
+            # MLflow's default pt2 export would need each model to be torch.export-traceable.
+            mlflow.pytorch.log_model(
+                model.to("cpu"), name="model", serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "raycv"],
+            )
+
+
+def _save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                     history: list[dict[str, float]]) -> ray.train.Checkpoint:
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
+        Path(directory) / CHECKPOINT_FILE,
+    )
+    return ray.train.Checkpoint.from_directory(directory)
+
+
+def _to_numpy(batch: TensorBatch) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in batch.items()}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: {"cfg": task config, "tracking_uri": str, "run_id": str}."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg = resolve_model_uris(config["cfg"], config["tracking_uri"])
+    task = get_task(cfg["task"])
+    torch.manual_seed(int(cfg["train"]["seed"]))
+    device = ray.train.torch.get_device()
+    model = task.build_model(cfg)
+    raw_model = model
+    optimizer = make_optimizer(task.param_groups(model, cfg), cfg["optim"])
+    logger = _MlflowLogger(config["tracking_uri"], config["run_id"], active=rank == 0)
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        logger.replay(history)
+        log.info("rank %d resumed after epoch %d", rank, state["epoch"])
+    else:
+        logger.tags({"raycv.weights": getattr(raw_model, "weights_description", "n/a")})
+    model = ray.train.torch.prepare_model(model)
+
+    epochs = int(cfg["train"]["epochs"])
+    batch_size, eval_batch_size = int(cfg["data"]["batch_size"]), int(cfg["data"]["eval_batch_size"])
+    fail_at = int(cfg["train"]["inject_failure_at_epoch"])
+    val_batch: TensorBatch | None = None
+    val_sums: dict[str, torch.Tensor] = {}
+
+    def keep_val_batch(batch: TensorBatch) -> None:
+        nonlocal val_batch
+        val_batch = batch
+
+    def preview(batch: TensorBatch) -> None:
+        logger.image(task.render_inputs(_to_numpy(batch), cfg), "plots/train_augmented.png")
+
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        train_shard = ray.train.get_dataset_shard("train")
+        loss_sums, metric_sums, seen = run_epoch(
+            task, model, train_shard.iter_torch_batches(batch_size=batch_size, device=device), cfg, device,
+            optimizer=optimizer, on_first_batch=preview if epoch == start_epoch and rank == 0 else None,
+        )
+        train_seconds = time.perf_counter() - started
+        val_shard = ray.train.get_dataset_shard("val")
+        val_loss, val_metric, _ = run_epoch(
+            task, model, val_shard.iter_torch_batches(batch_size=eval_batch_size, device=device), cfg, device,
+            on_first_batch=keep_val_batch if epoch == epochs - 1 else None,
+        )
+        throughput = _all_reduce({"seen": torch.tensor(float(seen)), "seconds": torch.tensor(train_seconds)}, device)
+        metrics, _ = _epoch_metrics(task, cfg, "train_", _all_reduce(loss_sums, device),
+                                    _all_reduce(metric_sums, device))
+        val_sums = _all_reduce(val_metric, device)
+        val_metrics, _ = _epoch_metrics(task, cfg, "val_", _all_reduce(val_loss, device), val_sums)
+        metrics.update(val_metrics)
+        # Workers train concurrently: the epoch's throughput is all examples over the mean worker time.
+        metrics["examples_per_sec"] = float(throughput["seen"]) / (float(throughput["seconds"]) / world)
+        metrics["epoch"] = epoch
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as directory:
+            ckpt = _save_checkpoint(directory, raw_model, optimizer, epoch, history) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt)
+        if epoch == fail_at and checkpoint is None:
+            raise RuntimeError(f"injected failure after epoch {epoch} (train.inject_failure_at_epoch)")
+        logger.epoch(epoch, metrics)
+        if rank == 0:
+            log.info("epoch %d/%d %s", epoch + 1, epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+    logger.finish(task, raw_model, cfg, history, val_batch, val_sums)

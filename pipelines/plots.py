@@ -1,0 +1,31 @@
+"""Pictures of a run's progress, returned as PIL images for MLflow (drawing never logs or prints)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipelines.tracking import figure_png  # noqa: E402
+
+
+def learning_curves(history: list[dict[str, float]]) -> Image.Image:
+    """Loss and every other train/val metric per epoch, one panel per metric family."""
+    epochs = [int(h["epoch"]) for h in history]
+    families = sorted({k.split("_", 1)[1] for h in history for k in h if k.startswith(("train_", "val_"))})
+    fig, axes = plt.subplots(1, max(len(families), 1), figsize=(4 * max(len(families), 1), 3), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        for split in ("train", "val"):
+            key = f"{split}_{family}"
+            points = [(e, h[key]) for e, h in zip(epochs, history) if key in h]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=split)
+        ax.set_title(family)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    image = figure_png(fig)
+    plt.close(fig)
+    return image

@@ -1,0 +1,238 @@
+"""Ray Tune sweeps: every trial is a full distributed Ray Train run, tracked as a child of one MLflow parent run.
+
+Composition as Ray 2.60 documents it for Train V2: the Tune trainable is a small driver function that builds a
+``TorchTrainer`` (through ``run_training``) with ``TuneReportCallback``, so ASHA sees each epoch's validation
+metric and can stop weak trials early. Tune needs each trial function to hold some CPU (0 is refused); it only
+drives, so it asks for a sliver and the trial's Train workers request the real resources.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
+
+from cvtasks.tasks import get_task  # noqa: E402
+from pipelines import tracking  # noqa: E402
+from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
+from pipelines.train import default_storage, run_training  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+#: CPU share the trial's driver function holds (it only drives its TorchTrainer; Tune refuses 0).
+TRIAL_DRIVER_CPUS = 0.01
+DISTRIBUTIONS = {
+    "loguniform": tune.loguniform,
+    "uniform": tune.uniform,
+    "choice": tune.choice,
+    "grid": tune.grid_search,
+    "randint": tune.randint,
+}
+REGISTRY_ALIAS = "best"
+
+
+def search_space(cfg: dict) -> dict[str, Any]:
+    """The task config's ``search:`` section as Tune distributions keyed by dotted config path."""
+    space = {}
+    for path, spec in (cfg.get("search") or {}).items():
+        try:
+            get_path(cfg, path)
+        except (KeyError, TypeError):
+            raise ConfigError(f"search: {path!r} is not a key of the {cfg['task']} config") from None
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+            raise ConfigError(f"search.{path}: expected one of {sorted(DISTRIBUTIONS)} -> args, got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        space[path] = DISTRIBUTIONS[kind](args) if kind in ("choice", "grid") else DISTRIBUTIONS[kind](*args)
+    if not space:
+        raise ConfigError(f"the {cfg['task']} config has no search: section to sweep over")
+    return space
+
+
+def make_scheduler(name: str, max_epochs: int) -> TrialScheduler:
+    if name == "asha":
+        # Rungs at epochs 1, 2, 4, ...: a trial in the bottom half of its rung stops there.
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=1, reduction_factor=2)
+    if name == "fifo":
+        return FIFOScheduler()
+    raise ValueError(f'Unknown scheduler "{name}": use asha or fifo')
+
+
+def trial_config(base: dict, sampled: dict[str, Any]) -> dict:
+    cfg = copy.deepcopy(base)
+    for path, value in sampled.items():
+        set_path(cfg, path, value)
+    return cfg
+
+
+def sweep_trial(config: dict[str, Any]) -> None:
+    """Tune trainable: one sampled config -> one TorchTrainer run, logged as a child MLflow run.
+
+    A restored sweep calls this again for unfinished trials: the child run is found by trial id and resumed from
+    its Ray Train checkpoint rather than started over.
+    """
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    client = MlflowClient(config["tracking_uri"])
+    cfg = trial_config(config["base"], config["sampled"])
+    existing = tracking.find_child_run(client, config["parent_run_id"], trial_id)
+    tags = {"raycv.kind": "trial", "raycv.trial_id": trial_id, "raycv.trial_name": context.get_trial_name()}
+    run_training(
+        cfg, config["tracking_uri"], resume=existing, storage=config["storage"],
+        run_tags=tags, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()],
+    )
+
+
+@dataclass
+class SweepOutcome:
+    parent_run_id: str
+    experiment_path: str
+    best_config: dict[str, Any]
+    best_metric: float
+    best_run_id: str | None
+    registered_version: str | None
+    trials: list[dict[str, Any]]
+    wall_seconds: float
+
+
+def run_sweep(
+    cfg: dict, tracking_uri: str, num_samples: int, scheduler: str = "asha", max_concurrent: int = 1,
+    resume: str | None = None, storage: str | None = None,
+) -> SweepOutcome:
+    """Run (or with ``resume``, a path printed by an earlier sweep, continue) a sweep over ``cfg["search"]``."""
+    started = time.perf_counter()
+    task = get_task(cfg["task"])
+    client = MlflowClient(tracking_uri)
+    storage = storage or default_storage()
+    space = search_space(cfg)
+    epochs = int(cfg["train"]["epochs"])
+    if resume:
+        experiment_path = str(Path(resume).resolve()) if "://" not in resume else resume
+        parent_run_id = tracking.find_sweep_run(client, cfg["task"], experiment_path)
+        if parent_run_id is None:
+            raise ValueError(f"--resume: no MLflow sweep run records the Tune experiment {experiment_path}")
+        client.update_run(parent_run_id, status="RUNNING")
+    else:
+        parent_run_id = tracking.create_run(client, cfg["task"], cfg, tags={"raycv.kind": "sweep"})
+        experiment_path = f"{storage}/sweep-{cfg['task']}-{parent_run_id[:12]}"
+        tracking.set_tags(client, parent_run_id, {
+            "raycv.sweep_path": experiment_path, "raycv.scheduler": scheduler,
+            "raycv.num_samples": str(num_samples),
+        })
+        client.log_dict(parent_run_id, cfg["search"], "search_space.yaml")
+    log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg["task"], parent_run_id, experiment_path)
+
+    trainable = tune.with_resources(sweep_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    base = {k: v for k, v in cfg.items() if k != "search"}
+    param_space = {
+        "base": base, "sampled": space, "tracking_uri": tracking_uri,
+        "parent_run_id": parent_run_id, "storage": storage,
+    }
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=task.metric, mode="max", num_samples=num_samples,
+                    scheduler=make_scheduler(scheduler, epochs), max_concurrent_trials=max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=Path(experiment_path).name, storage_path=str(Path(experiment_path).parent),
+                ),
+            )
+        results = tuner.fit()
+    except BaseException:
+        client.set_terminated(parent_run_id, status="FAILED")
+        raise
+    outcome = _summarize_sweep(client, task.metric, parent_run_id, experiment_path, results, space)
+    outcome.wall_seconds = time.perf_counter() - started
+    client.log_metric(parent_run_id, "wall_seconds", outcome.wall_seconds)
+    client.set_terminated(parent_run_id, status="FINISHED")
+    return outcome
+
+
+def _summarize_sweep(client: MlflowClient, metric: str, parent_run_id: str, experiment_path: str,
+                     results: Any, space: dict[str, Any]) -> SweepOutcome:
+    """Log the sweep's table, plots and best config on the parent run; register the best trial's model."""
+    trials = []
+    for result in results:
+        sampled = result.config["sampled"]
+        reported = result.metrics or {}
+        trial_id = reported.get("trial_id", "")
+        child = tracking.find_child_run(client, parent_run_id, trial_id) if trial_id else None
+        value = reported.get(metric, math.nan)
+        epochs_done = reported.get("training_iteration", 0)
+        trials.append({**sampled, metric: value, "epochs": epochs_done, "error": bool(result.error),
+                       "run_id": child, "trial": trial_id})
+    finite = [t for t in trials if isinstance(t[metric], float) and not math.isnan(t[metric])]
+    best = max(finite, key=lambda t: t[metric]) if finite else None
+    _close_child_runs(client, parent_run_id)
+    client.log_text(parent_run_id, _csv(trials), "trials.csv")
+    if best is not None:
+        best_config = {k: best[k] for k in space}
+        client.log_dict(parent_run_id, best_config, "best_config.yaml")
+        client.log_metric(parent_run_id, f"best_{metric}", best[metric])
+        tracking.set_tags(client, parent_run_id, {"raycv.best_run_id": str(best["run_id"])})
+        client.log_image(parent_run_id, _metric_vs_params(trials, metric, list(space)),
+                         artifact_file="plots/metric_vs_hyperparameters.png")
+    version = None
+    if best is not None and best["run_id"]:
+        task = client.get_run(parent_run_id).data.tags["raycv.task"]
+        version = tracking.register_best_model(client, task, best["run_id"], REGISTRY_ALIAS)
+    return SweepOutcome(
+        parent_run_id=parent_run_id, experiment_path=experiment_path,
+        best_config={k: best[k] for k in space} if best else {}, best_metric=best[metric] if best else math.nan,
+        best_run_id=best["run_id"] if best else None, registered_version=version, trials=trials, wall_seconds=0.0,
+    )
+
+
+def _close_child_runs(client: MlflowClient, parent_run_id: str) -> None:
+    """Trials ASHA stopped early never end their MLflow run themselves: mark them KILLED and tag why."""
+    for run in tracking.child_runs(client, parent_run_id):
+        if run.info.status == "RUNNING":
+            tracking.set_tags(client, run.info.run_id, {"raycv.early_stopped": "true"})
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _metric_vs_params(trials: list[dict[str, Any]], metric: str, params: list[str]) -> Any:
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        xs = [t[param] for t in trials]
+        ys = [t[metric] for t in trials]
+        numeric = all(isinstance(x, (int, float)) for x in xs)
+        ax.scatter(xs if numeric else [str(x) for x in xs], ys)
+        if numeric and all(x > 0 for x in xs) and max(xs) / max(min(xs), 1e-12) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(param)
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    image = tracking.figure_png(fig)
+    plt.close(fig)
+    return image

@@ -1,0 +1,298 @@
+"""cvtasks.boxes against d2l's worked examples (13.4), torchvision.ops and a slow per-anchor Python oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from cvtasks import boxes
+from cvtasks.boxes import (
+    assign_anchor_to_bbox,
+    box_center_to_corner,
+    box_corner_to_center,
+    box_iou,
+    multibox_detection,
+    multibox_prior,
+    multibox_target,
+    nms,
+    offset_boxes,
+    offset_inverse,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# d2l 13.4.3: dog (class 0) and cat (class 1) in the catdog image, and five hand-placed anchors.
+GROUND_TRUTH = [[0, 0.1, 0.08, 0.52, 0.92], [1, 0.55, 0.2, 0.9, 0.88]]
+ANCHORS = [[0, 0.1, 0.2, 0.3], [0.15, 0.2, 0.4, 0.4], [0.63, 0.05, 0.88, 0.98], [0.66, 0.45, 0.8, 0.8],
+           [0.57, 0.3, 0.92, 0.9]]  # fmt: skip
+BOOK_CLASS_LABELS = [[0, 1, 2, 0, 2]]
+BOOK_MASK = [[0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]]
+BOOK_OFFSETS = [[0, 0, 0, 0, 1.40e00, 1.00e01, 2.59e00, 7.18e00, -1.20e00, 2.69e-01, 1.68e00, -1.57e00,
+                 0, 0, 0, 0, -5.71e-01, -1.00e00, 4.17e-06, 6.26e-01]]  # fmt: skip
+
+
+def random_boxes(num: int, generator: torch.Generator, max_size: float = 0.4) -> torch.Tensor:
+    """Corner boxes with centres in [0, 1] and sides in [0.02, 0.02 + max_size]."""
+    centers = torch.rand(num, 2, generator=generator)
+    sizes = 0.02 + max_size * torch.rand(num, 2, generator=generator)
+    return torch.cat((centers - sizes / 2, centers + sizes / 2), dim=1)
+
+
+# ---- the slow, obvious oracle: plain Python, one image and one anchor at a time ----
+
+
+def _python_iou(a: list[float], b: list[float]) -> float:
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _python_offsets(anchor: list[float], box: list[float]) -> list[float]:
+    anchor_w, anchor_h = anchor[2] - anchor[0], anchor[3] - anchor[1]
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
+    return [
+        10 * ((box[0] + box[2]) / 2 - (anchor[0] + anchor[2]) / 2) / anchor_w,
+        10 * ((box[1] + box[3]) / 2 - (anchor[1] + anchor[3]) / 2) / anchor_h,
+        5 * math.log(1e-6 + box_w / anchor_w),
+        5 * math.log(1e-6 + box_h / anchor_h),
+    ]
+
+
+def reference_multibox_target(anchors: torch.Tensor, labels: torch.Tensor, iou_threshold: float = 0.5):
+    """d2l's anchor labelling written per image and per anchor, skipping padding rows (class < 0)."""
+    anchor_rows = anchors.reshape(-1, 4).tolist()
+    all_offsets, all_masks, all_classes = [], [], []
+    for image_labels in labels.tolist():
+        objects = [row for row in image_labels if row[0] >= 0]
+        ious = [[_python_iou(anchor, obj[1:]) for obj in objects] for anchor in anchor_rows]
+        matches = [-1] * len(anchor_rows)
+        for a, row in enumerate(ious):
+            if row:
+                best = max(range(len(row)), key=row.__getitem__)  # the first maximum, as torch
+                if row[best] >= iou_threshold:
+                    matches[a] = best
+        taken_anchors, taken_objects = set(), set()
+        for _ in objects:
+            best_pair = None
+            for a, row in enumerate(ious):
+                for j, iou in enumerate(row):
+                    if a not in taken_anchors and j not in taken_objects and (best_pair is None or iou > best_pair[0]):
+                        best_pair = (iou, a, j)
+            if best_pair is None:
+                break
+            _, a, j = best_pair
+            matches[a] = j
+            taken_anchors.add(a)
+            taken_objects.add(j)
+        offsets, masks, classes = [], [], []
+        for anchor, match in zip(anchor_rows, matches):
+            if match < 0:
+                offsets += [0.0] * 4
+                masks += [0.0] * 4
+                classes.append(0)
+            else:
+                offsets += _python_offsets(anchor, objects[match][1:])
+                masks += [1.0] * 4
+                classes.append(int(objects[match][0]) + 1)
+        all_offsets.append(offsets)
+        all_masks.append(masks)
+        all_classes.append(classes)
+    return torch.tensor(all_offsets), torch.tensor(all_masks), torch.tensor(all_classes)
+
+
+# ---- formats and IoU ----
+
+
+def test_corner_center_conversions_match_torchvision_both_ways():
+    corners = random_boxes(50, torch.Generator().manual_seed(0))
+    centers = torchvision.ops.box_convert(corners, "xyxy", "cxcywh")
+    torch.testing.assert_close(box_corner_to_center(corners), centers)
+    torch.testing.assert_close(box_center_to_corner(centers), torchvision.ops.box_convert(centers, "cxcywh", "xyxy"))
+    torch.testing.assert_close(box_center_to_corner(box_corner_to_center(corners)), corners)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_box_iou_matches_torchvision(device):
+    generator = torch.Generator().manual_seed(1)
+    boxes1, boxes2 = random_boxes(40, generator).to(device), random_boxes(30, generator).to(device)
+    ious = box_iou(boxes1, boxes2)
+    assert ious.device == boxes1.device and ious.shape == (40, 30)
+    torch.testing.assert_close(ious, torchvision.ops.box_iou(boxes1, boxes2))
+    assert box_iou(boxes1[:1], boxes1[:1]).item() == pytest.approx(1.0)
+
+
+def test_box_iou_broadcasts_a_batch_of_boxes_against_shared_anchors():
+    generator = torch.Generator().manual_seed(2)
+    anchors, batch = random_boxes(20, generator), random_boxes(12, generator).reshape(3, 4, 4)
+    ious = box_iou(anchors, batch)
+    assert ious.shape == (3, 20, 4)
+    for image in range(3):
+        torch.testing.assert_close(ious[image], torchvision.ops.box_iou(anchors, batch[image]))
+
+
+# ---- anchor generation ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multibox_prior_reproduces_the_catdog_example(device):
+    height, width = 561, 728
+    anchors = multibox_prior(torch.zeros(1, 3, height, width, device=device), [0.75, 0.5, 0.25], [1, 2, 0.5])
+    assert anchors.shape == (1, 2042040, 4) and anchors.device.type == device
+    at_250_250 = anchors.reshape(height, width, 5, 4)[250, 250].cpu()
+    torch.testing.assert_close(at_250_250[0], torch.tensor([0.06, 0.07, 0.63, 0.82]), atol=6e-3, rtol=0)
+
+
+def test_multibox_prior_shapes_have_the_requested_size_and_pixel_ratio():
+    height, width, sizes, ratios = 6, 10, [0.6, 0.3], [1.0, 4.0, 0.25]
+    anchors = multibox_prior(torch.zeros(1, 1, height, width), sizes, ratios).reshape(height, width, 4, 4)
+    # (size, ratio) of the n + m - 1 shapes: each size with ratios[0], then sizes[0] with the other ratios
+    expected = [(0.6, 1.0), (0.3, 1.0), (0.6, 4.0), (0.6, 0.25)]
+    center = box_corner_to_center(anchors[2, 3])
+    torch.testing.assert_close(center[:, 0], torch.full((4,), 3.5 / width))
+    torch.testing.assert_close(center[:, 1], torch.full((4,), 2.5 / height))
+    for (size, ratio), (_, _, w, h) in zip(expected, center.tolist()):
+        assert h == pytest.approx(size / math.sqrt(ratio))
+        assert (w * width) / (h * height) == pytest.approx(ratio)  # the ratio holds in pixels
+
+
+# ---- box coding ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offset_inverse_undoes_offset_boxes(device):
+    generator = torch.Generator().manual_seed(3)
+    anchors, targets = random_boxes(100, generator).to(device), random_boxes(100, generator).to(device)
+    offsets = offset_boxes(anchors, targets)
+    torch.testing.assert_close(offset_inverse(anchors, offsets), targets, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(offset_inverse(anchors, torch.zeros_like(offsets)), anchors)
+
+
+def test_offset_boxes_uses_centre_shift_over_anchor_size():
+    anchor, box = torch.tensor([[0.15, 0.2, 0.4, 0.4]]), torch.tensor([[0.1, 0.08, 0.52, 0.92]])
+    expected = [10 * 0.035 / 0.25, 10 * 0.2 / 0.2, 5 * math.log(0.42 / 0.25), 5 * math.log(0.84 / 0.2)]
+    torch.testing.assert_close(offset_boxes(anchor, box)[0], torch.tensor(expected), atol=1e-4, rtol=1e-4)
+
+
+# ---- anchor labelling ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multibox_target_reproduces_the_dog_cat_example(device):
+    anchors, ground_truth = torch.tensor(ANCHORS, device=device), torch.tensor(GROUND_TRUTH, device=device)
+    bbox_offset, bbox_mask, class_labels = multibox_target(anchors.unsqueeze(0), ground_truth.unsqueeze(0))
+    assert class_labels.dtype == torch.int64 and bbox_offset.device.type == device
+    assert class_labels.tolist() == BOOK_CLASS_LABELS
+    assert bbox_mask.tolist() == BOOK_MASK
+    torch.testing.assert_close(bbox_offset.cpu(), torch.tensor(BOOK_OFFSETS), atol=2e-3, rtol=5e-3)
+
+
+def test_padding_rows_are_ignored():
+    anchors = torch.tensor(ANCHORS).unsqueeze(0)
+    padding = [[-1.0] * 5] * 2
+    unpadded = [multibox_target(anchors, torch.tensor([labels])) for labels in (GROUND_TRUTH, GROUND_TRUTH[1:])]
+    padded_batch = torch.tensor([GROUND_TRUTH + padding, GROUND_TRUTH[1:] + padding + [[-1.0] * 5]])
+    padded = multibox_target(anchors, padded_batch)
+    for part, padded_part in enumerate(padded):
+        torch.testing.assert_close(padded_part, torch.cat([result[part] for result in unpadded]))
+
+
+def test_images_without_objects_are_all_background():
+    anchors = torch.tensor(ANCHORS).unsqueeze(0)
+    for labels in (torch.full((2, 3, 5), -1.0), torch.zeros((2, 0, 5))):
+        bbox_offset, bbox_mask, class_labels = multibox_target(anchors, labels)
+        assert bbox_offset.shape == bbox_mask.shape == (2, 20) and class_labels.shape == (2, 5)
+        assert not bbox_offset.any() and not bbox_mask.any() and not class_labels.any()
+
+
+def test_assign_uses_its_iou_threshold():
+    anchors, ground_truth = torch.tensor(ANCHORS), torch.tensor(GROUND_TRUTH)[:, 1:]
+    # Anchor 3 lies inside the cat with IoU 0.206; anchor 2 has 0.566 with it; anchors 1 and 4 win the greedy step.
+    assert assign_anchor_to_bbox(ground_truth, anchors, "cpu").tolist() == [-1, 0, 1, -1, 1]
+    assert assign_anchor_to_bbox(ground_truth, anchors, "cpu", iou_threshold=0.2).tolist() == [-1, 0, 1, 1, 1]
+    assert assign_anchor_to_bbox(ground_truth, anchors, "cpu", iou_threshold=0.9).tolist() == [-1, 0, -1, -1, 1]
+    _, _, class_labels = multibox_target(anchors, torch.tensor([GROUND_TRUTH]), iou_threshold=0.2)
+    assert class_labels.tolist() == [[0, 1, 2, 2, 2]]
+
+
+def test_greedy_step_gives_every_object_an_anchor_even_below_threshold():
+    anchors = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    ground_truth = torch.tensor([[0.0, 0.0, 0.1, 0.1], [0.6, 0.6, 0.7, 0.7], [0.0, 0.0, 0.2, 0.2]])
+    # Best pair first: anchor 0 takes object 2 (IoU 0.16), anchor 1 object 1 (0.04); object 0 finds no free anchor.
+    assert assign_anchor_to_bbox(ground_truth, anchors, "cpu").tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multibox_target_matches_the_per_anchor_oracle_on_random_batches(device):
+    generator = torch.Generator().manual_seed(4)
+    anchors = multibox_prior(torch.zeros(1, 1, 6, 5), [0.35, 0.15], [1, 2, 0.5])  # 120 anchors
+    for trial in range(3):
+        batch, max_objects = 5, 4
+        labels = torch.full((batch, max_objects, 5), -1.0)
+        for image in range(batch):
+            count = (image + trial) % (max_objects + 1)  # 0..4 objects, the rest padding
+            labels[image, :count, 0] = torch.randint(0, 3, (count,), generator=generator).float()
+            labels[image, :count, 1:] = random_boxes(count, generator, max_size=0.5).clamp(0, 1)
+        expected = reference_multibox_target(anchors, labels)
+        got = [part.cpu() for part in multibox_target(anchors.to(device), labels.to(device))]
+        assert torch.equal(got[2], expected[2]) and torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
+
+
+# ---- non-maximum suppression and detection ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.7])
+def test_nms_matches_torchvision(device, iou_threshold):
+    generator = torch.Generator().manual_seed(5)
+    candidates = random_boxes(2500, generator).to(device)  # more than one NMS block on CPU and on GPU
+    scores = (torch.randperm(2500, generator=generator).float() / 2500).to(device)  # distinct: no ties
+    keep = nms(candidates, scores, iou_threshold)
+    assert keep.device == candidates.device and keep.dtype == torch.int64
+    assert torch.equal(keep, torchvision.ops.nms(candidates, scores, iou_threshold))
+
+
+def test_nms_with_small_blocks_and_edge_cases(monkeypatch):
+    generator = torch.Generator().manual_seed(6)
+    candidates, scores = random_boxes(300, generator, max_size=0.6), torch.rand(300, generator=generator)
+    monkeypatch.setattr(boxes, "NMS_BLOCK_SIZE", 7)
+    assert torch.equal(nms(candidates, scores, 0.5), torchvision.ops.nms(candidates, scores, 0.5))
+    assert nms(torch.zeros((0, 4)), torch.zeros(0), 0.5).tolist() == []
+    identical = torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 3)
+    assert nms(identical, torch.tensor([0.2, 0.9, 0.5]), 0.5).tolist() == [1]
+
+
+BOOK_NMS_ANCHORS = [[0.1, 0.08, 0.52, 0.92], [0.08, 0.2, 0.56, 0.95], [0.15, 0.3, 0.62, 0.91], [0.55, 0.2, 0.9, 0.88]]
+BOOK_NMS_PROBS = [[0.0] * 4, [0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.9]]
+BOOK_DETECTIONS = [[0, 0.9, 0.10, 0.08, 0.52, 0.92], [1, 0.9, 0.55, 0.20, 0.90, 0.88],
+                   [-1, 0.8, 0.08, 0.20, 0.56, 0.95], [-1, 0.7, 0.15, 0.30, 0.62, 0.91]]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multibox_detection_reproduces_the_four_anchor_example(device):
+    anchors, cls_probs = torch.tensor(BOOK_NMS_ANCHORS, device=device), torch.tensor(BOOK_NMS_PROBS, device=device)
+    offset_preds = torch.zeros(anchors.numel(), device=device)
+    output = multibox_detection(cls_probs.unsqueeze(0), offset_preds.unsqueeze(0), anchors.unsqueeze(0), 0.5)
+    assert output.shape == (1, 4, 6) and output.device.type == device
+    torch.testing.assert_close(output[0].cpu(), torch.tensor(BOOK_DETECTIONS))
+
+
+def test_multibox_detection_batches_decodes_offsets_and_flags_low_confidence():
+    anchors = torch.tensor(BOOK_NMS_ANCHORS)
+    generator = torch.Generator().manual_seed(7)
+    offset_preds = 0.5 * torch.randn(2, 16, generator=generator)
+    cls_probs = torch.stack((torch.tensor(BOOK_NMS_PROBS), torch.tensor(BOOK_NMS_PROBS)[[0, 2, 1]]))
+    cls_probs[1, 1:, 2] = 0.004  # anchor 2 of image 1: confidence below pos_threshold
+    output = multibox_detection(cls_probs, offset_preds, anchors)
+    for image in range(2):
+        alone = multibox_detection(cls_probs[image : image + 1], offset_preds[image : image + 1], anchors)
+        torch.testing.assert_close(output[image], alone[0])
+        decoded = offset_inverse(anchors, offset_preds[image].reshape(4, 4))
+        rows_by_box = {tuple(row[2:].tolist()) for row in output[image]}
+        assert rows_by_box == {tuple(box) for box in decoded.tolist()}
+    low = [row for row in output[1].tolist() if abs(row[1] - (1 - 0.004)) < 1e-6]
+    assert len(low) == 1 and low[0][0] == -1

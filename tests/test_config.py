@@ -1,0 +1,42 @@
+import pytest
+
+from pipelines.config import ConfigError, available_tasks, flatten, load_config
+
+
+def test_every_task_config_loads_and_names_its_task():
+    tasks = available_tasks()
+    assert "cifar10" in tasks and "hotdog" in tasks
+    for task in tasks:
+        cfg = load_config(task)
+        assert cfg["task"] == task
+        for section in ("data", "train", "scaling", "optim"):
+            assert section in cfg, (task, section)
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = load_config("cifar10", overrides=["optim.lr=0.5", "train.epochs=3", "optim.weight_decay=1"])
+    assert cfg["optim"]["lr"] == 0.5 and cfg["train"]["epochs"] == 3
+    assert isinstance(cfg["optim"]["weight_decay"], float)  # an int may stand for a float
+    with pytest.raises(ConfigError, match="optim.lrr.*did you mean lr"):
+        load_config("cifar10", overrides=["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="train.epochs must be int"):
+        load_config("cifar10", overrides=["train.epochs=many"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config("cifar10", overrides=["optim.lr"])
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_config("nope")
+
+
+def test_config_file_merges_partially(tmp_path):
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("optim:\n  lr: 0.25\ntrain:\n  epochs: 2\n")
+    cfg = load_config("cifar10", partial)
+    assert cfg["optim"]["lr"] == 0.25 and cfg["train"]["epochs"] == 2
+    assert cfg["optim"]["name"] == load_config("cifar10")["optim"]["name"]
+    partial.write_text("optim:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=f"{partial}.*optim.bogus"):
+        load_config("cifar10", partial)
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": [1, 2], "d": "x"}
