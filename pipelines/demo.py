@@ -42,7 +42,7 @@ class DemoStep:
 
 
 DEMO_STEPS: list[DemoStep] = [
-    DemoStep("cifar10", "cifar10", ["train.epochs=4", "scaling.workers=2"]),
+    DemoStep("cifar10", "cifar10", ["train.epochs=4", "scaling.workers=2", "data.batch_size=64"]),
     DemoStep("hotdog-source", "hotdog", [*HOTDOG_CPU, "data.dataset=hotdog-source", "model.weights=scratch",
                                          "optim.name=adam", "optim.lr=0.002", "train.epochs=5"]),
     DemoStep("hotdog-finetuned", "hotdog", [*HOTDOG_CPU, "model.weights=runs:/{run:hotdog-source}/model",

@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from tests.services import (
+    enable_token_auth,
     start_mlflow_server,
     start_ray_cluster,
     stop_mlflow_server,
     stop_ray_cluster,
 )
 
+# Before any test module imports ray (which reads the auth mode once): the session's cluster requires a token.
+RAY_AUTH_ENV = enable_token_auth(Path(tempfile.mkdtemp(prefix="raycv-auth-")))
+
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """A `ray start --head` cluster on 127.0.0.1 with token auth; this process is connected to it as a driver."""
     import ray
 
-    cluster = start_ray_cluster(tmp_path_factory.mktemp("ray"))
+    cluster = start_ray_cluster(RAY_AUTH_ENV)
     os.environ["RAY_ADDRESS"] = cluster.gcs_address
     ray.init(address=cluster.gcs_address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield cluster
     ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
-    stop_ray_cluster()
+    stop_ray_cluster(cluster)
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,15 @@ Both are started as the user would start them (``ray start --head``, ``mlflow se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -46,25 +49,66 @@ class RayCluster:
     gcs_address: str
     dashboard_url: str
     env: dict[str, str]  # what a client needs: token auth mode and token path
+    temp_dir: Path  # the cluster's own Ray temp dir: every one of its processes names it on its command line
 
 
-def start_ray_cluster(workdir: Path) -> RayCluster:
+def enable_token_auth(workdir: Path) -> dict[str, str]:
+    """Write a fresh Ray auth token and switch this process (and its children) to token auth.
+
+    Must run before ``ray`` is first imported: Ray reads the auth mode once, at import.
+    """
     token = workdir / "ray_auth_token"
     token.write_text(secrets.token_hex(32))
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     os.environ.update(env)
+    return env
+
+
+def start_ray_cluster(env: dict[str, str]) -> RayCluster:
+    """``ray start --head`` with the token auth ``env``; jobs it runs find this virtualenv's ``raycv`` on PATH."""
+    # Short: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="raycv-ray-"))
     port, dash = free_port(), free_port()
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--num-cpus={TEST_CLUSTER_CPUS}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--disable-usage-stats"],
-        check=True, capture_output=True, env={**os.environ, **env},
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        check=True, capture_output=True, env={**os.environ, **env, "PATH": f"{BIN}:{os.environ['PATH']}"},
     )
-    return RayCluster(gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dash}", env=env)
+    return RayCluster(gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dash}", env=env,
+                      temp_dir=temp_dir)
 
 
-def stop_ray_cluster() -> None:
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, check=False)
+def _cluster_processes(cluster: RayCluster) -> list:
+    """This cluster's processes: those naming its temp dir or GCS address, and all their descendants."""
+    import psutil
+
+    port = cluster.gcs_address.rsplit(":", 1)[1]
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(cluster.temp_dir) in cmdline or "--address=" in cmdline and f":{port} " in f"{cmdline} ":
+            roots.append(proc)
+    found = {p.pid: p for p in roots}
+    for proc in roots:
+        with contextlib.suppress(psutil.Error):
+            found.update({child.pid: child for child in proc.children(recursive=True)})
+    return list(found.values())
+
+
+def stop_ray_cluster(cluster: RayCluster) -> None:
+    """Stop this cluster's processes only (``ray stop`` would also stop any other Ray on the machine)."""
+    import psutil
+
+    procs = _cluster_processes(cluster)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
 @dataclass

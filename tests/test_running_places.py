@@ -1,0 +1,87 @@
+"""raycv where users run it: `ray job submit` to a token-protected cluster, `--resume`, and the plain local CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import load_config
+from pipelines.train import run_training
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+#: Small hotdog inputs keep these runs to seconds per epoch on CPU.
+HOTDOG_FAST = ["augment.size=32", "augment.resize_size=36", "data.batch_size=32"]
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _epochs_logged(client: MlflowClient, run_id: str, key: str = "val_acc") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_ray_job_submit_with_token_auth(ray_cluster, mlflow_server, demo_root):
+    env = {**os.environ, **ray_cluster.env}
+    sets = [arg for item in HOTDOG_FAST for arg in ("--set", item)]
+    submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".",
+              "--", "raycv", "train", "hotdog", "--data-root", str(demo_root), "--epochs", "1",
+              "--set", "model.weights=scratch", *sets, "--tracking-uri", mlflow_server.url]
+    result = _run(submit, env)
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.get_experiment_by_name("raycv-hotdog")
+    runs = client.search_runs([experiment.experiment_id], "tags.`raycv.kind` = 'train'", order_by=["start_time DESC"])
+    assert runs and runs[0].info.status == "FINISHED"
+    assert _epochs_logged(client, runs[0].info.run_id) == [0]
+
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    no_token["RAY_AUTH_TOKEN_PATH"] = str(demo_root / "no-such-token")
+    refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard_url],
+                             cwd=REPO, env={**no_token, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode != 0
+
+
+def test_resume_continues_the_same_mlflow_run(ray_cluster, mlflow_server, demo_root, tmp_path):
+    base = [f"data.root={demo_root}", "model.weights=scratch", *HOTDOG_FAST]
+    first = run_training(load_config("hotdog", overrides=[*base, "train.epochs=1"]), mlflow_server.url,
+                         storage=str(tmp_path))
+    resumed = run_training(load_config("hotdog", overrides=[*base, "train.epochs=2"]), mlflow_server.url,
+                           resume=first.run_id)
+    assert resumed.run_id == first.run_id
+    client = MlflowClient(mlflow_server.url)
+    assert _epochs_logged(client, first.run_id) == [0, 1]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_local_cli_train_then_predict(demo_root, tmp_path):
+    """No cluster address: `raycv train` starts its own local Ray; `raycv predict` uses the logged model."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [arg for item in HOTDOG_FAST for arg in ("--set", item)]
+    _run([str(BIN / "raycv"), "train", "hotdog", "--data-root", str(demo_root), "--epochs", "1",
+          "--set", "model.weights=scratch", *sets, "--tracking-uri", tracking,
+          "--storage", str(tmp_path / "ray_results")], env)
+    client = MlflowClient(tracking)
+    run = client.search_runs([client.get_experiment_by_name("raycv-hotdog").experiment_id])[0]
+    images = sorted((demo_root / "hotdog" / "test" / "hotdog").glob("*.png"))[:2]
+    out = tmp_path / "predictions"
+    _run([str(BIN / "raycv"), "predict", "hotdog", "--model", f"runs:/{run.info.run_id}/model",
+          *map(str, images), "--out", str(out), "--tracking-uri", tracking], env)
+
+    records = json.loads((out / "predictions.json").read_text())
+    assert [r["image"] for r in records] == [str(p) for p in images]
+    assert all(r["class"] in ("hotdog", "not-hotdog") and 0.0 <= r["probability"] <= 1.0 for r in records)
+    assert (out / "predictions.png").stat().st_size > 0
