@@ -12,3 +12,7 @@ class DataFormatError(ValueError):
         self.row = row
         where = self.path if row is None else f"{self.path}, row {row}"
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int | None]]:
+        # Raised inside Ray workers and re-raised on the driver: pickle the constructor's arguments, not ``args``.
+        return (type(self), (self.path, self.problem, self.row))

@@ -5,6 +5,7 @@ Cluster workers read shared storage through these helpers rather than the driver
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 import pyarrow.fs as pafs
@@ -15,8 +16,6 @@ from cvtasks.errors import DataFormatError
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return the filesystem and the path inside it for a local path or URI."""
     if "://" not in uri:
-        import os
-
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     return pafs.FileSystem.from_uri(uri)
 
@@ -26,9 +25,12 @@ def join(base: str, *parts: str) -> str:
     if "://" in base:
         scheme, rest = base.split("://", 1)
         return f"{scheme}://{posixpath.join(rest, *parts)}"
-    import os
-
     return os.path.join(base, *parts)
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (workers do not share the driver's working folder); URIs as they are."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def exists(uri: str) -> bool:

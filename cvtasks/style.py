@@ -23,8 +23,10 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 
 from cvtasks import storage
+from cvtasks.classification import captioned_tile
 from cvtasks.errors import DataFormatError
 from cvtasks.models.vgg import AUTO, DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, VGGFeatures, build_vgg_features
+from cvtasks.segmentation import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gr
                "hubble_deep_field", "colorwheel")
 #: (content, style) pairs of the demo: a colour stain texture, a grayscale brick wall, a star field.
 DEMO_PAIRS = (("chelsea", "immunohistochemistry"), ("astronaut", "brick"), ("coffee", "hubble_deep_field"))
+CONTACT_SHEET_COLUMNS = 4
+CAPTION_COLOUR = (0, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------- image input/output
@@ -104,9 +108,9 @@ def open_image(spec: str) -> Image.Image:
     return load_image(spec)
 
 
-def demo_pairs() -> list[tuple[str, Image.Image, str, Image.Image]]:
-    """(content name, content image, style name, style image) for each of DEMO_PAIRS."""
-    return [(content, demo_image(content), style, demo_image(style)) for content, style in DEMO_PAIRS]
+def demo_specs() -> list[tuple[str, str]]:
+    """DEMO_PAIRS as (content, style) image specs for :func:`open_image`."""
+    return [(DEMO_PREFIX + content, DEMO_PREFIX + style) for content, style in DEMO_PAIRS]
 
 
 def preprocess(img: Image.Image, size: Sequence[int]) -> torch.Tensor:
@@ -294,9 +298,17 @@ def stylize(content_img: Image.Image, style_img: Image.Image, cfg: StyleConfig,
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        losses = {name: float(value) for name, value in parts.items()} | {"total": float(total)}
+        losses = {name: value.item() for name, value in parts.items()} | {"total": total.item()}
         if not np.isfinite(losses["total"]):
             raise FloatingPointError(f"style transfer loss became {losses} at step {step} (lr {lr}, {cfg.loss})")
         show = step % cfg.log_every == 0 or step == cfg.steps
-        yield StepResult(step, {name: float(value) for name, value in terms.items()}, losses, lr,
+        yield StepResult(step, {name: value.item() for name, value in terms.items()}, losses, lr,
                          postprocess(image) if show else None)
+
+
+def contact_sheet(images: Sequence[Image.Image], captions: Sequence[Sequence[str]],
+                  columns: int = CONTACT_SHEET_COLUMNS) -> Image.Image:
+    """Results side by side, ``columns`` per row, each over its caption lines (e.g. the weights it was made with)."""
+    tiles = [captioned_tile(np.asarray(img.convert("RGB")), [(line, CAPTION_COLOUR) for line in caption])
+             for img, caption in zip(images, captions, strict=True)]
+    return image_grid([tiles[i : i + columns] for i in range(0, len(tiles), columns)])

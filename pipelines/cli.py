@@ -10,6 +10,7 @@ from pipelines.config import ConfigError, available_tasks, load_config
 from pipelines.download import DownloadError
 
 log = logging.getLogger("raycv")
+STYLE_OUTPUT_DIR = "outputs/style"
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.train import run_training
 
     cfg = resolved_config(args)
+    if cfg.get("runner") == "style":
+        if args.resume or args.epochs:
+            raise ConfigError("style transfer has no epochs or checkpoints: use --set style.steps=N, or raycv stylize")
+        return _stylize(cfg, args.tracking_uri, args.address, STYLE_OUTPUT_DIR)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     connect(args.address)
     outcome = run_training(cfg, tracking_uri, resume=args.resume, storage=args.storage)
@@ -71,7 +76,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     connect(args.address)
     outcome = run_sweep(cfg, tracking_uri, num_samples=args.num_samples, scheduler=args.scheduler,
                         max_concurrent=args.max_concurrent, resume=args.resume, storage=args.storage)
-    metric = next(k for k in outcome.trials[0] if k.startswith("val_")) if outcome.trials else "metric"
+    metric = outcome.metric
     print()
     print(format_table(list(outcome.trials[0]), [list(t.values()) for t in outcome.trials]) if outcome.trials
           else "no trials ran")
@@ -81,6 +86,32 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"sweep parent run {outcome.parent_run_id}; resume an interrupted sweep: --resume {outcome.experiment_path}")
     print(f"MLflow UI: {ui_command(tracking_uri)}")
     return 0
+
+
+def cmd_stylize(args: argparse.Namespace) -> int:
+    from pipelines.style import cli_pairs
+
+    shorthands = {"style.steps": args.steps, "style.size": list(args.size) if args.size else None,
+                  "scaling.cpus_per_worker": args.cpus_per_worker, "scaling.gpus_per_worker": args.gpus_per_worker}
+    overrides = list(args.overrides) + [f"{key}={value}" for key, value in shorthands.items() if value is not None]
+    cfg = load_config("style", args.config, overrides)
+    if args.content or args.style or args.demo:
+        cfg["style"]["pairs"] = cli_pairs(args.content, args.style, args.demo)
+    return _stylize(cfg, args.tracking_uri, args.address, args.output_dir)
+
+
+def _stylize(cfg: dict, tracking_uri: str | None, address: str | None, output_dir: str) -> int:
+    """Run the config's style pairs as parallel Ray tasks and print where the results are."""
+    from pipelines.cluster import connect
+    from pipelines.style import load_pairs, run_pairs, summary
+    from pipelines.tracking import resolve_tracking_uri
+
+    inputs = load_pairs(cfg)
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    connect(address)
+    outcomes = run_pairs(cfg, inputs, tracking_uri, output_dir)
+    print(summary(outcomes, tracking_uri))
+    return 1 if any(o.error for o in outcomes) else 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -152,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     demo_cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     demo_cmd.set_defaults(func=cmd_demo)
+
+    style = sub.add_parser("stylize", help="neural style transfer, one Ray task per content/style pair, in MLflow")
+    style.add_argument("--content", action="append", default=[], metavar="IMG",
+                       help="content image: a file, URI or skimage:<name> (repeatable, pairs with --style in order)")
+    style.add_argument("--style", action="append", default=[], metavar="IMG", help="style image (repeatable)")
+    style.add_argument("--demo", action="store_true", help="also run the demo pairs of scikit-image pictures")
+    style.add_argument("--steps", type=int, help="optimisation steps (style.steps)")
+    style.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="size of the result (style.size)")
+    style.add_argument("--config", help="a YAML file of config values that override configs/style.yaml")
+    style.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value, e.g. --set loss.style_weight=1e5 (repeatable)")
+    style.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per pair")
+    style.add_argument("--gpus-per-worker", type=float, help="GPUs per pair (0 = CPU)")
+    style.add_argument("--output-dir", default=STYLE_OUTPUT_DIR, help="where the stylised images are written")
+    style.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    style.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    style.set_defaults(func=cmd_stylize)
 
     data = sub.add_parser("data", help="prepare and check datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -122,6 +122,12 @@ def _coerce(path: str, default: Any, value: Any) -> Any:
         raise ConfigError(f"{path} must be a boolean, got {value!r}")
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
+    if isinstance(default, float) and isinstance(value, str):
+        # YAML 1.1 reads "1e4" (no dot) as a string; it is how people write loss weights.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return list(value)
     if not isinstance(value, type(default)):

@@ -29,7 +29,7 @@ HOTDOG_CPU = ["augment.size=64", "augment.resize_size=72", "data.batch_size=64"]
 
 @dataclass
 class DemoStep:
-    """One run of the demo: ``kind`` "train" or "tune" of ``task`` with config overrides.
+    """One run of the demo: ``kind`` "train", "tune" or "style" of ``task`` with config overrides.
 
     ``overrides`` may name an earlier step's MLflow run as ``{run:<step name>}``.
     """
@@ -48,8 +48,9 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("hotdog-finetuned", "hotdog", [*HOTDOG_CPU, "model.weights=runs:/{run:hotdog-source}/model",
                                             "train.epochs=3"]),
     DemoStep("hotdog-scratch", "hotdog", [*HOTDOG_CPU, "model.weights=scratch", "train.epochs=3"]),
-    DemoStep("banana", "banana", []),
+    DemoStep("banana", "banana", ["train.epochs=6"]),
     DemoStep("voc", "voc", ["train.epochs=6"]),
+    DemoStep("style", "style", ["style.steps=200", "style.size=[96, 144]", "style.log_every=50"], kind="style"),
     DemoStep("sweep-hotdog", "hotdog", [*HOTDOG_CPU, "model.weights=runs:/{run:hotdog-source}/model",
                                         "train.epochs=2"],
              kind="tune", sweep={"num_samples": 4, "scheduler": "asha", "max_concurrent": 2}),
@@ -99,7 +100,21 @@ def _tune(step: DemoStep, cfg: dict, tracking_uri: str) -> StepResult:
                       f"best {metric}", outcome.best_metric, float("nan"), outcome.wall_seconds)
 
 
-RUNNERS: dict[str, Callable[[DemoStep, dict, str], StepResult]] = {"train": _train, "tune": _tune}
+def _style(step: DemoStep, cfg: dict, tracking_uri: str) -> StepResult:
+    """All configured content/style pairs in parallel; the row reports the first pair (with the others' count)."""
+    from pipelines.style import load_pairs, run_pairs
+
+    outcomes = run_pairs(cfg, load_pairs(cfg), tracking_uri, Path("outputs") / "style")
+    failed = [o for o in outcomes if o.error]
+    if failed:
+        raise RuntimeError(f"style transfer failed for {failed[0].content} + {failed[0].style}: {failed[0].error}")
+    first = outcomes[0]
+    return StepResult(f"{step.name} ({len(outcomes)} pairs)", first.run_id, first.experiment_id,
+                      "style_reduction", first.metrics.get("style_reduction", float("nan")), float("nan"),
+                      max(o.wall_seconds for o in outcomes))
+
+
+RUNNERS: dict[str, Callable[[DemoStep, dict, str], StepResult]] = {"train": _train, "tune": _tune, "style": _style}
 
 
 def run_demo(root: str | Path, tracking_uri: str, only: list[str] | None = None) -> list[StepResult]:

@@ -31,6 +31,8 @@ from pipelines.weights import resolve_model_uris
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+#: Training batches are drawn from a buffer of this many batches' rows, on top of the pipeline's shuffled blocks.
+SHUFFLE_BUFFER_BATCHES = 2
 
 
 def make_optimizer(groups: list[dict[str, Any]], optim: Config) -> torch.optim.Optimizer:
@@ -239,7 +241,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         train_shard = ray.train.get_dataset_shard("train")
         loss_sums, metric_sums, seen = run_epoch(
-            task, model, train_shard.iter_torch_batches(batch_size=batch_size, device=device), cfg, device,
+            task, model, train_shard.iter_torch_batches(
+                batch_size=batch_size, device=device, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+            ), cfg, device,
             optimizer=optimizer, on_first_batch=preview if epoch == start_epoch and rank == 0 else None,
         )
         train_seconds = time.perf_counter() - started

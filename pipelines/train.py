@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cvtasks import storage as storage_paths
 from cvtasks.tasks import get_task
 from pipelines import tracking
 from pipelines.data import build_split
@@ -37,10 +39,27 @@ def default_storage() -> str:
     return os.environ.get("RAYCV_STORAGE") or str(Path("ray_results").resolve())
 
 
+def worker_cpus(requested: float, workers: int, cluster_cpus: float) -> float:
+    """CPUs per training worker, lowered where the workers would hold every CPU of the cluster.
+
+    Ray Data decodes and augments in Ray tasks that need a CPU of their own: with none left, training waits
+    forever for its first batch (e.g. 2 workers x 1 CPU on a 2-CPU laptop).
+    """
+    spare = cluster_cpus - 1.0 if cluster_cpus > 1 else cluster_cpus / 2
+    if requested * workers <= spare or spare <= 0:
+        return requested
+    lowered = spare / workers
+    log.warning("%d workers x %g CPU would leave Ray Data no CPU on this %g-CPU cluster: using %.2f CPU per worker",
+                workers, requested, cluster_cpus, lowered)
+    return lowered
+
+
 def scaling_config(cfg: dict) -> ScalingConfig:
     scaling = cfg["scaling"]
     gpus = float(scaling["gpus_per_worker"])
-    resources: dict[str, float] = {"CPU": float(scaling["cpus_per_worker"])}
+    cpus = worker_cpus(float(scaling["cpus_per_worker"]), int(scaling["workers"]),
+                       float(ray.cluster_resources().get("CPU", 0.0)))
+    resources: dict[str, float] = {"CPU": cpus}
     if gpus:
         resources["GPU"] = gpus
     return ScalingConfig(num_workers=int(scaling["workers"]), use_gpu=gpus > 0, resources_per_worker=resources)
@@ -80,6 +99,7 @@ def run_training(
     """
     started = time.perf_counter()
     task = get_task(cfg["task"])
+    cfg = {**cfg, "data": {**cfg["data"], "root": storage_paths.absolute(str(cfg["data"]["root"]))}}
     client = MlflowClient(tracking_uri)
     storage = storage or default_storage()
     run_id, name = _open_run(client, cfg, resume, storage, parent_run_id, run_tags)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import io
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,8 @@ DISTRIBUTIONS = {
     "randint": tune.randint,
 }
 REGISTRY_ALIAS = "best"
+#: Config ``runner`` values other than Ray Train's "train" -> "module:function" returning their SweepPlan.
+RUNNERS = {"style": "pipelines.style:sweep_plan"}
 
 
 def search_space(cfg: dict) -> dict[str, Any]:
@@ -97,6 +101,34 @@ def sweep_trial(config: dict[str, Any]) -> None:
     )
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """What each trial runs and how trials are ranked. Ray Train tasks: ``sweep_trial``, ``task.metric`` maximised,
+    one report per epoch; a config's ``runner`` (see RUNNERS) may bring its own."""
+
+    trainable: Callable[[dict[str, Any]], None]
+    resources: dict[str, float]  # what each trial function itself holds
+    metric: str
+    mode: str  # "max" or "min"
+    max_t: int  # reports of a trial that runs to the end: ASHA's budget
+    register_model: bool  # whether trials log a model for the Model Registry
+    #: extra artifacts on the parent run: (client, parent_run_id, trial rows, searched config paths)
+    summarize: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
+
+
+def sweep_plan(cfg: dict) -> SweepPlan:
+    """The config's plan. Ray Train trials get ASHA budget ``epochs + 1``: a trial reaching ASHA's ``max_t`` is
+    stopped at once, which would cut off its last epoch's model logging; the rungs stay the same."""
+    runner = cfg.get("runner", "train")
+    if runner != "train":
+        if runner not in RUNNERS:
+            raise ConfigError(f'unknown runner "{runner}"; known: train, {", ".join(sorted(RUNNERS))}')
+        module, function = RUNNERS[runner].split(":")
+        return getattr(importlib.import_module(module), function)(cfg)
+    return SweepPlan(trainable=sweep_trial, resources={"CPU": TRIAL_DRIVER_CPUS}, metric=get_task(cfg["task"]).metric,
+                     mode="max", max_t=int(cfg["train"]["epochs"]) + 1, register_model=True)
+
+
 @dataclass
 class SweepOutcome:
     parent_run_id: str
@@ -107,6 +139,7 @@ class SweepOutcome:
     registered_version: str | None
     trials: list[dict[str, Any]]
     wall_seconds: float
+    metric: str = ""
 
 
 def run_sweep(
@@ -115,11 +148,10 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or with ``resume``, a path printed by an earlier sweep, continue) a sweep over ``cfg["search"]``."""
     started = time.perf_counter()
-    task = get_task(cfg["task"])
+    plan = sweep_plan(cfg)
     client = MlflowClient(tracking_uri)
     storage = storage or default_storage()
     space = search_space(cfg)
-    epochs = int(cfg["train"]["epochs"])
     if resume:
         experiment_path = str(Path(resume).resolve()) if "://" not in resume else resume
         parent_run_id = tracking.find_sweep_run(client, cfg["task"], experiment_path)
@@ -136,7 +168,7 @@ def run_sweep(
         client.log_dict(parent_run_id, cfg["search"], "search_space.yaml")
     log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg["task"], parent_run_id, experiment_path)
 
-    trainable = tune.with_resources(sweep_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(plan.trainable, plan.resources)
     base = {k: v for k, v in cfg.items() if k != "search"}
     param_space = {
         "base": base, "sampled": space, "tracking_uri": tracking_uri,
@@ -151,8 +183,8 @@ def run_sweep(
                 trainable,
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    metric=task.metric, mode="max", num_samples=num_samples,
-                    scheduler=make_scheduler(scheduler, epochs), max_concurrent_trials=max_concurrent,
+                    metric=plan.metric, mode=plan.mode, num_samples=num_samples,
+                    scheduler=make_scheduler(scheduler, plan.max_t), max_concurrent_trials=max_concurrent,
                 ),
                 run_config=tune.RunConfig(
                     name=Path(experiment_path).name, storage_path=str(Path(experiment_path).parent),
@@ -162,16 +194,17 @@ def run_sweep(
     except BaseException:
         client.set_terminated(parent_run_id, status="FAILED")
         raise
-    outcome = _summarize_sweep(client, task.metric, parent_run_id, experiment_path, results, space)
+    outcome = _summarize_sweep(client, plan, parent_run_id, experiment_path, results, space)
     outcome.wall_seconds = time.perf_counter() - started
     client.log_metric(parent_run_id, "wall_seconds", outcome.wall_seconds)
     client.set_terminated(parent_run_id, status="FINISHED")
     return outcome
 
 
-def _summarize_sweep(client: MlflowClient, metric: str, parent_run_id: str, experiment_path: str,
+def _summarize_sweep(client: MlflowClient, plan: SweepPlan, parent_run_id: str, experiment_path: str,
                      results: Any, space: dict[str, Any]) -> SweepOutcome:
     """Log the sweep's table, plots and best config on the parent run; register the best trial's model."""
+    metric = plan.metric
     trials = []
     for result in results:
         sampled = result.config["sampled"]
@@ -183,7 +216,7 @@ def _summarize_sweep(client: MlflowClient, metric: str, parent_run_id: str, expe
         trials.append({**sampled, metric: value, "epochs": epochs_done, "error": bool(result.error),
                        "run_id": child, "trial": trial_id})
     finite = [t for t in trials if isinstance(t[metric], float) and not math.isnan(t[metric])]
-    best = max(finite, key=lambda t: t[metric]) if finite else None
+    best = (max if plan.mode == "max" else min)(finite, key=lambda t: t[metric]) if finite else None
     _close_child_runs(client, parent_run_id)
     client.log_text(parent_run_id, _csv(trials), "trials.csv")
     if best is not None:
@@ -193,14 +226,17 @@ def _summarize_sweep(client: MlflowClient, metric: str, parent_run_id: str, expe
         tracking.set_tags(client, parent_run_id, {"raycv.best_run_id": str(best["run_id"])})
         client.log_image(parent_run_id, _metric_vs_params(trials, metric, list(space)),
                          artifact_file="plots/metric_vs_hyperparameters.png")
+    if plan.summarize is not None:
+        plan.summarize(client, parent_run_id, trials, list(space))
     version = None
-    if best is not None and best["run_id"]:
+    if best is not None and best["run_id"] and plan.register_model:
         task = client.get_run(parent_run_id).data.tags["raycv.task"]
         version = tracking.register_best_model(client, task, best["run_id"], REGISTRY_ALIAS)
     return SweepOutcome(
         parent_run_id=parent_run_id, experiment_path=experiment_path,
         best_config={k: best[k] for k in space} if best else {}, best_metric=best[metric] if best else math.nan,
         best_run_id=best["run_id"] if best else None, registered_version=version, trials=trials, wall_seconds=0.0,
+        metric=metric,
     )
 
 

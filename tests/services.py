@@ -73,7 +73,10 @@ def start_ray_cluster(env: dict[str, str]) -> RayCluster:
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--num-cpus={TEST_CLUSTER_CPUS}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        check=True, capture_output=True, env={**os.environ, **env, "PATH": f"{BIN}:{os.environ['PATH']}"},
+        check=True, capture_output=True,
+        # RAY_ADDRESS: Ray's own helper processes that call ray.init() find this cluster even where other Ray
+        # instances run on the same machine.
+        env={**os.environ, **env, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": f"127.0.0.1:{port}"},
     )
     return RayCluster(gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dash}", env=env,
                       temp_dir=temp_dir)

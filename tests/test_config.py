@@ -40,3 +40,12 @@ def test_config_file_merges_partially(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": [1, 2], "d": "x"}
+
+
+def test_worker_cpus_leave_one_cpu_for_ray_data():
+    from pipelines.train import worker_cpus
+
+    assert worker_cpus(1.0, 2, cluster_cpus=4.0) == 1.0
+    assert worker_cpus(1.0, 2, cluster_cpus=2.0) == 0.5
+    assert worker_cpus(1.0, 1, cluster_cpus=1.0) == 0.5
+    assert worker_cpus(2.0, 4, cluster_cpus=64.0) == 2.0

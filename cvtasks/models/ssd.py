@@ -24,7 +24,7 @@ BLOCK_CHANNELS = 128  # the later blocks
 NUM_SCALES = len(SIZES)
 
 
-def anchors_per_pixel(sizes: Sequence[float] = SIZES[0], ratios: Sequence[float] = RATIOS) -> int:
+def anchors_per_pixel(sizes: Sequence[float], ratios: Sequence[float]) -> int:
     return len(sizes) + len(ratios) - 1
 
 

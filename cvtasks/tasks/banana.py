@@ -1,0 +1,264 @@
+"""Object detection on banana-detection with TinySSD (d2l 13.3-13.7).
+
+Data: ``banana-detection`` under ``data.root`` (:mod:`cvtasks.formats.banana`); class names by id in
+``data.classes``. Decoded samples are an image and its boxes normalised by the image's size; augmentation
+(:mod:`cvtasks.box_augment`) resizes to ``augment.size``, flips / crops / colour-jitters training images with their
+boxes and pads every image's boxes to ``data.max_objects`` rows (class -1).
+
+Loss: ``loss.cls_weight`` x cross-entropy over anchor classes + ``loss.bbox_weight`` x masked L1 over offsets.
+Metrics (validation only: mAP needs NMS per image): ``class_err`` and ``bbox_mae`` as d2l reports them, and
+``map50``, VOC-style mAP at IoU 0.5 over all detections after NMS, from histograms summed over workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+from cvtasks import detection as det
+from cvtasks import storage
+from cvtasks import transforms as T
+from cvtasks.box_augment import BoxAugment, detection_batch, resize
+from cvtasks.box_drawing import PALETTE, PREDICTION_COLOUR, TRUTH_COLOUR, draw_boxes, to_pixels
+from cvtasks.classification import TEXT_COLOUR, captioned_tile
+from cvtasks.errors import DataFormatError
+from cvtasks.formats import banana as fmt
+from cvtasks.formats.imagefolder import PLACEHOLDER, object_array
+from cvtasks.images import decode_rgb
+from cvtasks.models.ssd import TinySSD
+from cvtasks.segmentation import image_grid
+from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
+
+log = logging.getLogger(__name__)
+
+#: IoU at which a detection matches a ground-truth box for the headline metric (the "50" of map50).
+MAP_IOU = 0.5
+RENDER_SAMPLES = 8
+RENDER_COLUMNS = 4
+#: Most detections drawn per image in pictures, and written per image by predict (highest confidence first).
+MAX_DRAWN = 10
+MAX_PREDICTED = 100
+
+
+def class_names(cfg: Config) -> list[str]:
+    names = [str(n) for n in cfg["data"]["classes"]]
+    if not names:
+        raise ValueError("data.classes must name at least one class")
+    return names
+
+
+def box_augment(cfg: Config) -> BoxAugment:
+    aug = cfg["augment"]
+    return BoxAugment(
+        size=int(aug["size"]), max_objects=int(cfg["data"]["max_objects"]), hflip=float(aug["hflip"]),
+        crop=float(aug["crop"]), crop_scale=tuple(float(v) for v in aug["crop_scale"]),
+        crop_ratio=tuple(float(v) for v in aug["crop_ratio"]), crop_min_visible=float(aug["crop_min_visible"]),
+        color={k: float(v) for k, v in aug["color"].items()},
+    )
+
+
+def detections(model: nn.Module, images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """[B, K, 6] rows (class or -1, confidence, x1, y1, x2, y2) of ``model`` on model-ready ``images``."""
+    return detect(*model(images), cfg)
+
+
+def detect(anchors: torch.Tensor, cls_preds: torch.Tensor, bbox_preds: torch.Tensor, cfg: Config) -> torch.Tensor:
+    settings = cfg["detect"]
+    return det.detect(anchors, cls_preds, bbox_preds, float(settings["nms_threshold"]),
+                      float(settings["pos_threshold"]), int(settings["max_candidates"]))
+
+
+def shown(rows: torch.Tensor, cfg: Config, limit: int) -> torch.Tensor:
+    """The rows of one image's detections worth showing: a class, confidence >= ``detect.score_threshold``."""
+    keep = (rows[:, 0] >= 0) & (rows[:, 1] >= float(cfg["detect"]["score_threshold"]))
+    rows = rows[keep]
+    return rows[rows[:, 1].argsort(descending=True)][:limit]
+
+
+def display(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Model inputs float (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3)."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+    return T.denormalize_nchw(images, None, None)
+
+
+def draw_truth(image: np.ndarray, boxes: np.ndarray, names: list[str]) -> np.ndarray:
+    boxes = np.asarray(boxes)[np.asarray(boxes)[:, 0] >= 0]
+    captions = [names[int(c)] for c in boxes[:, 0]]
+    return draw_boxes(image, to_pixels(boxes[:, 1:], *image.shape[:2]), TRUTH_COLOUR, captions)
+
+
+def draw_detections(image: np.ndarray, rows: np.ndarray, names: list[str]) -> np.ndarray:
+    """``rows`` (K, 6) (class, confidence, box as fractions) outlined on ``image`` with "class confidence"."""
+    captions = [f"{names[int(c)]} {s:.2f}" for c, s in rows[:, :2]]
+    return draw_boxes(image, to_pixels(rows[:, 2:], *image.shape[:2]), PREDICTION_COLOUR, captions, below=True)
+
+
+class BananaTask(Task):
+    name = "banana"
+    metric = "val_map50"
+    tensor_keys = ("image", "boxes")
+    train_metrics = False
+
+    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
+        """:func:`cvtasks.formats.banana.index`; an image with more boxes than ``data.max_objects`` is an error."""
+        index = fmt.index(root, split, len(class_names(cfg)), skip_bad=bool(cfg["data"].get("skip_bad", False)))
+        limit = int(cfg["data"]["max_objects"])
+        counts = index["boxes"].map(len)
+        if (counts > limit).any():
+            i = int(np.argmax(counts.to_numpy() > limit))
+            raise ValueError(f"{index['label_file'][i]}: image {index['path'][i]} has {counts[i]} boxes but "
+                             f"data.max_objects is {limit}; raise data.max_objects")
+        return index
+
+    def decode(self, batch: Batch, cfg: Config) -> Batch:
+        """Index rows -> ``image`` (uint8 (H, W, 3) each), ``boxes`` (float32 (K, 5) normalised each), ``keep``.
+
+        Rows whose index ``problem`` is set, and (under ``data.skip_bad``) images that fail to decode or whose
+        boxes leave the image, get ``keep=False`` and are logged.
+        """
+        skip_bad = bool(cfg["data"].get("skip_bad", False))
+        images, boxes, keep = [], [], np.ones(len(batch["path"]), dtype=bool)
+        rows = zip(batch["path"], batch["boxes"], batch["rows"], batch["label_file"], batch["problem"], strict=True)
+        for i, (path, pixel_boxes, lines, labels, problem) in enumerate(rows):
+            try:
+                if problem:  # set by the index under skip_bad only
+                    raise DataFormatError(path, f"skipped: {problem}")
+                image, normalised = fmt.read_sample(str(path), pixel_boxes, lines, str(labels))
+            except DataFormatError as exc:
+                if not skip_bad:
+                    raise
+                log.warning("skipping bad image: %s", exc)
+                image, normalised, keep[i] = PLACEHOLDER, np.asarray(pixel_boxes, np.float32), False
+            images.append(image)
+            boxes.append(normalised)
+        return {"image": object_array(images), "boxes": object_array(boxes), "keep": keep}
+
+    def augment(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
+        """-> ``image`` float32 (N, 3, size, size) in [0, 1], ``boxes`` float32 (N, max_objects, 5) padded with -1."""
+        images, boxes = list(batch["image"]), list(batch["boxes"])
+        if "keep" in batch:
+            kept = np.asarray(batch["keep"], dtype=bool)
+            images = [im for im, k in zip(images, kept, strict=True) if k]
+            boxes = [b for b, k in zip(boxes, kept, strict=True) if k]
+        image, padded = detection_batch(images, boxes, box_augment(cfg), train, rng)
+        return {"image": image, "boxes": padded}
+
+    def build_model(self, cfg: Config) -> nn.Module:
+        return TinySSD(len(class_names(cfg)), width=float(cfg["model"]["width"]))
+
+    def forward(self, model: nn.Module, batch: TensorBatch) -> det.SSDOutput:
+        return det.forward(model, batch["image"], batch["boxes"])
+
+    def loss(self, out: det.SSDOutput, batch: TensorBatch,
+             cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss.cls_weight`` x class cross-entropy + ``loss.bbox_weight`` x masked offset L1; parts unweighted."""
+        cls, bbox = det.loss_parts(out.cls_preds, out.bbox_preds, out.target)
+        total = float(cfg["loss"]["cls_weight"]) * cls + float(cfg["loss"]["bbox_weight"]) * bbox
+        return total, {"cls": cls.detach(), "bbox": bbox.detach()}
+
+    def metric_sums(self, out: det.SSDOutput, batch: TensorBatch, cfg: Config) -> dict[str, torch.Tensor]:
+        sums = det.anchor_sums(out.cls_preds, out.bbox_preds, out.target)
+        found = detect(out.anchors, out.cls_preds, out.bbox_preds, cfg)
+        sums.update(det.ap_sums(found, batch["boxes"], len(class_names(cfg)), MAP_IOU,
+                                int(cfg["detect"]["score_bins"])))
+        return {k: v.to(out.cls_preds.device) for k, v in sums.items()}
+
+    def summarize(self, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, float]:
+        """``map50``; ``class_err`` (share of anchors with a wrong class) and ``bbox_mae`` (mean |offset error| over
+        all offsets, those of background anchors counting as zero) as d2l reports them."""
+        return {
+            "map50": det.mean_ap(sums["tp_hist"], sums["fp_hist"], sums["gt_count"]),
+            "class_err": 1.0 - float(sums["class_correct"]) / max(float(sums["class_count"]), 1.0),
+            "bbox_mae": float(sums["bbox_abs_sum"]) / max(float(sums["bbox_count"]), 1.0),
+        }
+
+    def render_inputs(self, batch: Batch, cfg: Config) -> Image.Image:
+        """Augmented training images with their (flipped, cropped) ground-truth boxes."""
+        names = class_names(cfg)
+        images = display(np.asarray(batch["image"][:RENDER_SAMPLES]))
+        boxes = np.asarray(batch["boxes"][:RENDER_SAMPLES])
+        tiles = [draw_truth(im, b, names) for im, b in zip(images, boxes, strict=True)]
+        return image_grid([tiles[i : i + RENDER_COLUMNS] for i in range(0, len(tiles), RENDER_COLUMNS)])
+
+    def render_predictions(self, model: nn.Module, batch: TensorBatch, cfg: Config) -> Image.Image:
+        """Validation images: truth in green, detections above ``detect.score_threshold`` in red with scores."""
+        names = class_names(cfg)
+        images = batch["image"][:RENDER_SAMPLES]
+        with torch.no_grad():
+            found = detections(model, images, cfg).cpu()
+        truth = batch["boxes"][:RENDER_SAMPLES].cpu().numpy()
+        tiles = [draw_detections(draw_truth(im, b, names), shown(rows, cfg, MAX_DRAWN).numpy(), names)
+                 for im, b, rows in zip(display(images), truth, found, strict=True)]
+        return image_grid([tiles[i : i + RENDER_COLUMNS] for i in range(0, len(tiles), RENDER_COLUMNS)])
+
+    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
+        """``plots/anchors_one_cell.png`` (the anchors of the centre cell of each feature map, over the first
+        validation image) and ``metrics/val_ap50_per_class.json``."""
+        out: dict[str, Any] = {"plots/anchors_one_cell.png": self.anchor_picture(model, cfg)}
+        if "tp_hist" in sums:
+            ap = det.average_precision(sums["tp_hist"], sums["fp_hist"], sums["gt_count"])
+            out["metrics/val_ap50_per_class.json"] = {
+                name: {"ap50": None if torch.isnan(v) else round(float(v), 4), "ground_truth": int(n)}
+                for name, v, n in zip(class_names(cfg), ap, sums["gt_count"], strict=True)
+            }
+        return out
+
+    def anchor_picture(self, model: nn.Module, cfg: Config) -> Image.Image:
+        """One tile per feature map: the first validation image with the anchors of that map's centre cell."""
+        first = self.index(cfg["data"]["root"], "val", cfg).iloc[0]
+        size = int(cfg["augment"]["size"])
+        image = resize(decode_rgb(storage.read_bytes(first["path"]), first["path"]), size)
+        ssd: TinySSD = model.module if hasattr(model, "module") else model
+        device = next(ssd.parameters()).device
+        x = torch.from_numpy(T.to_nchw(T.to_unit_float(image[None]))).to(device)
+        with torch.no_grad():
+            maps = ssd.feature_maps(x)
+            scale_anchors = ssd.scale_anchors(maps)
+        tiles = []
+        for fmap, anchors, sizes in zip(maps, scale_anchors, ssd.sizes, strict=True):
+            height, width = fmap.shape[-2:]
+            per_pixel = anchors.shape[1] // (height * width)
+            cell = (height // 2) * width + width // 2
+            cell_anchors = anchors[0, cell * per_pixel : (cell + 1) * per_pixel].cpu().numpy()
+            shapes = [(s, ssd.ratios[0]) for s in sizes] + [(sizes[0], r) for r in ssd.ratios[1:]]
+            colours = list(PALETTE[:per_pixel])
+            legend = [(f"size {s:g}, ratio {r:g}", colour) for (s, r), colour in zip(shapes, colours, strict=True)]
+            tiles.append(captioned_tile(draw_boxes(image, to_pixels(cell_anchors, size, size), colours),
+                                        [(f"{height}x{width} map, cell ({height // 2}, {width // 2})", TEXT_COLOUR),
+                                         *legend]))
+        return image_grid([tiles])
+
+    def predict_files(self, model: nn.Module, paths: list[str], out_dir: Path, cfg: Config) -> list[Path]:
+        """Per image ``NNN_<name>.png`` with its detections drawn, and ``detections.json``: per image its size and
+        detections (class id, class, score, box [x1, y1, x2, y2] in the image's pixels), confidence
+        >= ``detect.score_threshold``, at most ``MAX_PREDICTED``."""
+        names, size = class_names(cfg), int(cfg["augment"]["size"])
+        images = [decode_rgb(storage.read_bytes(p), p) for p in paths]
+        inputs = torch.from_numpy(T.to_nchw(T.to_unit_float(np.stack([resize(im, size) for im in images]))))
+        with torch.no_grad():
+            found = detections(model.eval(), inputs, cfg)
+        records, written = [], []
+        for i, (path, image, rows) in enumerate(zip(paths, images, found, strict=True)):
+            rows = shown(rows, cfg, MAX_PREDICTED).numpy()
+            height, width = image.shape[:2]
+            pixel_boxes = np.clip(to_pixels(rows[:, 2:], height, width), 0, [width, height, width, height])
+            records.append({"image": str(path), "width": width, "height": height, "detections": [
+                {"class_id": int(c), "class": names[int(c)], "score": round(float(s), 4),
+                 "box": [round(float(v), 1) for v in box]}
+                for (c, s), box in zip(rows[:, :2], pixel_boxes, strict=True)
+            ]})
+            picture = out_dir / f"{i:03d}_{Path(str(path)).stem}.png"
+            Image.fromarray(draw_detections(image, rows, names)).save(picture)
+            written.append(picture)
+        json_path = out_dir / "detections.json"
+        json_path.write_text(json.dumps(records, indent=2))
+        return [json_path, *written]

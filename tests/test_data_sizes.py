@@ -1,0 +1,37 @@
+"""pipelines.data sizing: blocks small next to the object store and batches that fit a block (no Ray started)."""
+
+from __future__ import annotations
+
+import ray.data
+
+from cvtasks.demo import voc as voc_demo
+from cvtasks.tasks.voc import VocTask
+from pipelines.data import BLOCKS_PER_STORE, batch_rows, block_bytes, row_bytes
+
+MB = 1 << 20
+DEFAULT_BLOCK = ray.data.context.DEFAULT_TARGET_MAX_BLOCK_SIZE
+
+
+def test_blocks_shrink_only_on_a_small_object_store():
+    assert block_bytes(300 * MB) == 300 * MB // BLOCKS_PER_STORE < DEFAULT_BLOCK
+    assert block_bytes(64_000 * MB) == DEFAULT_BLOCK
+    assert block_bytes(0.0) == DEFAULT_BLOCK  # store size unknown
+
+
+def test_batches_fit_a_block_and_keep_their_row_caps():
+    voc_crop_row = 320 * 480 * (3 * 4 + 8)  # float32 image + int64 mask
+    assert batch_rows(voc_crop_row, 256, 20 * MB) == 20 * MB // voc_crop_row == 6
+    assert batch_rows(3 * 32 * 32 * 4, 256, DEFAULT_BLOCK) == 256  # CIFAR rows: the cap
+    assert batch_rows(10**9, 64, 20 * MB) == 1  # one row larger than a block still makes progress
+
+
+def test_row_bytes_measures_decoded_and_augmented_rows(tmp_path):
+    voc_demo.write(tmp_path, seed=0, n_train=4, n_val=1, min_side=40, max_side=60)
+    cfg = {"data": {"skip_bad": False}, "augment": {"crop_size": [32, 48], "small": "pad", "hflip": 0.5}}
+    task = VocTask()
+    index = task.index(str(tmp_path), "train", cfg)
+    sizes = row_bytes(task, cfg, index)
+    decoded = task.decode({c: index[c].to_numpy() for c in index.columns}, cfg)
+    pixels = sum(image.shape[0] * image.shape[1] for image in decoded["image"]) / len(index)
+    assert sizes.decoded == 4 * pixels  # RGB + mask bytes per pixel (the keep flag is dropped)
+    assert sizes.augmented == 32 * 48 * (3 * 4 + 8)
