@@ -203,7 +203,10 @@ def register_best_model(client: MlflowClient, task: str, run_id: str, alias: str
         experiment_ids=[client.get_run(run_id).info.experiment_id],
         filter_string=f"source_run_id = '{run_id}'",
     )
-    source = models[0].model_uri if models else f"runs:/{run_id}/model"
-    version = client.create_model_version(name, source=source, run_id=run_id, tags={"raycv.task": task})
+    if not models:
+        raise ValueError(f"run {run_id} logged no model to register")
+    # MLflow 3 registers a LoggedModel by its id; its models:/m-... URI is the version's source.
+    version = client.create_model_version(name, source=models[0].model_uri, run_id=run_id,
+                                          model_id=models[0].model_id, tags={"raycv.task": task})
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

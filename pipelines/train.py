@@ -39,6 +39,11 @@ def default_storage() -> str:
     return os.environ.get("RAYCV_STORAGE") or str(Path("ray_results").resolve())
 
 
+def with_absolute_data_root(cfg: dict) -> dict:
+    """``cfg`` with a local ``data.root`` made absolute: Ray workers and Tune trials run in other folders."""
+    return {**cfg, "data": {**cfg["data"], "root": storage_paths.absolute(str(cfg["data"]["root"]))}}
+
+
 def worker_cpus(requested: float, workers: int, cluster_cpus: float) -> float:
     """CPUs per training worker, lowered where the workers would hold every CPU of the cluster.
 
@@ -99,7 +104,7 @@ def run_training(
     """
     started = time.perf_counter()
     task = get_task(cfg["task"])
-    cfg = {**cfg, "data": {**cfg["data"], "root": storage_paths.absolute(str(cfg["data"]["root"]))}}
+    cfg = with_absolute_data_root(cfg)
     client = MlflowClient(tracking_uri)
     storage = storage or default_storage()
     run_id, name = _open_run(client, cfg, resume, storage, parent_run_id, run_tags)

@@ -32,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 from cvtasks.tasks import get_task  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
-from pipelines.train import default_storage, run_training  # noqa: E402
+from pipelines.train import default_storage, run_training, with_absolute_data_root  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def run_sweep(
     log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg["task"], parent_run_id, experiment_path)
 
     trainable = tune.with_resources(plan.trainable, plan.resources)
-    base = {k: v for k, v in cfg.items() if k != "search"}
+    base = {k: v for k, v in with_absolute_data_root(cfg).items() if k != "search"}
     param_space = {
         "base": base, "sampled": space, "tracking_uri": tracking_uri,
         "parent_run_id": parent_run_id, "storage": storage,
