@@ -126,7 +126,9 @@ def test_sweep_released_its_resources(interrupted_then_resumed_sweep):
     deadline = time.monotonic() + 60
     while True:
         pgs = [p for p in list_placement_groups(limit=1000) if p.state != "REMOVED"]
-        actors = [a for a in list_actors(limit=1000) if a.state == "ALIVE"]
+        # Detached actors are cluster-lifetime singletons of Ray's own libraries (Ray Data's usage/stats
+        # collectors, num_cpus=0); the sweep's trainables, controllers and workers are never detached.
+        actors = [a for a in list_actors(limit=1000, detail=True) if a.state == "ALIVE" and not a.is_detached]
         if not pgs and not actors or time.monotonic() > deadline:
             break
         time.sleep(2)
