@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import ray  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
@@ -32,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 from cvtasks.tasks import get_task  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
-from pipelines.train import default_storage, run_training, with_absolute_data_root  # noqa: E402
+from pipelines.train import default_storage, run_training, with_absolute_data_root, worker_cpus  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class SweepPlan:
     register_model: bool  # whether trials log a model for the Model Registry
     #: extra artifacts on the parent run: (client, parent_run_id, trial rows, searched config paths)
     summarize: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
+    #: the ``scaling`` config of the Train workers each trial starts outside ``resources`` (Tune does not see them)
+    train_scaling: dict[str, Any] | None = None
 
 
 def sweep_plan(cfg: dict) -> SweepPlan:
@@ -126,7 +129,26 @@ def sweep_plan(cfg: dict) -> SweepPlan:
         module, function = RUNNERS[runner].split(":")
         return getattr(importlib.import_module(module), function)(cfg)
     return SweepPlan(trainable=sweep_trial, resources={"CPU": TRIAL_DRIVER_CPUS}, metric=get_task(cfg["task"]).metric,
-                     mode="max", max_t=int(cfg["train"]["epochs"]) + 1, register_model=True)
+                     mode="max", max_t=int(cfg["train"]["epochs"]) + 1, register_model=True,
+                     train_scaling=cfg["scaling"])
+
+
+def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cluster_cpus: float) -> int:
+    """``requested`` concurrent trials, lowered to what the cluster fits with one CPU left for Ray Data.
+
+    Tune only sees each trial function's sliver of CPU, not the Train workers it starts: past this limit the
+    trials' worker groups wait for each other's CPUs and the sweep stalls instead of queueing.
+    """
+    if not train_scaling:
+        return requested
+    workers = int(train_scaling["workers"])
+    trial_worker_cpus = workers * worker_cpus(float(train_scaling["cpus_per_worker"]), workers, cluster_cpus)
+    fits = max(1, math.floor((cluster_cpus - 1.0 + 1e-9) / trial_worker_cpus))
+    if requested > fits:
+        log.warning("--max-concurrent %d: each trial's workers hold %g CPU on this %g-CPU cluster; running %d at a "
+                    "time", requested, trial_worker_cpus, cluster_cpus, fits)
+        return fits
+    return requested
 
 
 @dataclass
@@ -169,6 +191,8 @@ def run_sweep(
     log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg["task"], parent_run_id, experiment_path)
 
     trainable = tune.with_resources(plan.trainable, plan.resources)
+    max_concurrent = fitting_concurrency(max_concurrent, plan.train_scaling,
+                                         float(ray.cluster_resources().get("CPU", 0.0)))
     base = {k: v for k, v in with_absolute_data_root(cfg).items() if k != "search"}
     param_space = {
         "base": base, "sampled": space, "tracking_uri": tracking_uri,

@@ -49,3 +49,13 @@ def test_worker_cpus_leave_one_cpu_for_ray_data():
     assert worker_cpus(1.0, 2, cluster_cpus=2.0) == 0.5
     assert worker_cpus(1.0, 1, cluster_cpus=1.0) == 0.5
     assert worker_cpus(2.0, 4, cluster_cpus=64.0) == 2.0
+
+
+def test_sweep_concurrency_fits_the_trials_train_workers():
+    from pipelines.tune import fitting_concurrency
+
+    one_worker = {"workers": 1, "cpus_per_worker": 1.0}
+    assert fitting_concurrency(2, one_worker, cluster_cpus=2.0) == 1  # 2 trials x 1 CPU + Ray Data > 2 CPUs
+    assert fitting_concurrency(4, one_worker, cluster_cpus=16.0) == 4
+    assert fitting_concurrency(8, {"workers": 2, "cpus_per_worker": 1.0}, cluster_cpus=16.0) == 7
+    assert fitting_concurrency(3, None, cluster_cpus=2.0) == 3  # trials that hold their own resources: Tune queues
