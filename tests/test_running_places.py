@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,21 @@ HOTDOG_FAST = ["augment.size=32", "augment.resize_size=36", "data.batch_size=32"
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return _checked(cmd, subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout))
+
+
+def _submit_when_an_agent_is_up(cmd: list[str], env: dict[str, str], tries: int = 4) -> subprocess.CompletedProcess:
+    """``ray job submit``, retried while the head answers "No available agent" (its dashboard agent registers some
+    seconds after ``ray start`` returns, later on a loaded machine); no job exists until a submission is accepted."""
+    for _ in range(tries - 1):
+        probe = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in probe.stdout + probe.stderr:
+            return _checked(cmd, probe)
+        time.sleep(20)
+    return _run(cmd, env)
+
+
+def _checked(cmd: list[str], result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -38,7 +53,7 @@ def test_ray_job_submit_with_token_auth(ray_cluster, mlflow_server, demo_root):
     submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".",
               "--", "raycv", "train", "hotdog", "--data-root", str(demo_root), "--epochs", "1",
               "--set", "model.weights=scratch", *sets, "--tracking-uri", mlflow_server.url]
-    result = _run(submit, env)
+    result = _submit_when_an_agent_is_up(submit, env)
     assert "succeeded" in (result.stdout + result.stderr).lower()
     client = MlflowClient(mlflow_server.url)
     experiment = client.get_experiment_by_name("raycv-hotdog")
