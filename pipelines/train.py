@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,19 +48,41 @@ def with_absolute_data_root(cfg: dict) -> dict:
     return {**cfg, "data": {**cfg["data"], "root": storage_paths.absolute(str(cfg["data"]["root"]))}}
 
 
+def cpus_for_training(cluster_cpus: float) -> float:
+    """The cluster's CPUs that training workers may hold: one (half of a 1-CPU cluster) stays free for Ray Data."""
+    return cluster_cpus - 1.0 if cluster_cpus > 1 else cluster_cpus / 2
+
+
 def worker_cpus(requested: float, workers: int, cluster_cpus: float) -> float:
     """CPUs per training worker, lowered where the workers would hold every CPU of the cluster.
 
     Ray Data decodes and augments in Ray tasks that need a CPU of their own: with none left, training waits
     forever for its first batch (e.g. 2 workers x 1 CPU on a 2-CPU laptop).
     """
-    spare = cluster_cpus - 1.0 if cluster_cpus > 1 else cluster_cpus / 2
+    spare = cpus_for_training(cluster_cpus)
     if requested * workers <= spare or spare <= 0:
         return requested
     lowered = spare / workers
     log.warning("%d workers x %g CPU would leave Ray Data no CPU on this %g-CPU cluster: using %.2f CPU per worker",
                 workers, requested, cluster_cpus, lowered)
     return lowered
+
+
+@contextmanager
+def _sigint_handler_restored() -> Iterator[None]:
+    """Put back the SIGINT handler that ``TorchTrainer.fit`` replaces on the main thread.
+
+    Ray Train's handler (Ctrl-C aborts the run) closes over the run's controller actor handle, so left installed it
+    keeps that controller alive for as long as a long-lived process (a notebook, a test session) runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def scaling_config(cfg: dict) -> ScalingConfig:
@@ -135,7 +161,8 @@ def run_training(
             datasets={"train": train.dataset, "val": val.dataset},
             dataset_config=DataConfig(datasets_to_split="all"),
         )
-        result = trainer.fit()
+        with _sigint_handler_restored():
+            result = trainer.fit()
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

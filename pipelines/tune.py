@@ -33,7 +33,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 from cvtasks.tasks import get_task  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
-from pipelines.train import default_storage, run_training, with_absolute_data_root, worker_cpus  # noqa: E402
+from pipelines.train import (  # noqa: E402
+    cpus_for_training,
+    default_storage,
+    run_training,
+    with_absolute_data_root,
+    worker_cpus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +149,7 @@ def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cl
         return requested
     workers = int(train_scaling["workers"])
     trial_worker_cpus = workers * worker_cpus(float(train_scaling["cpus_per_worker"]), workers, cluster_cpus)
-    fits = max(1, math.floor((cluster_cpus - 1.0 + 1e-9) / trial_worker_cpus))
+    fits = max(1, math.floor(cpus_for_training(cluster_cpus) / trial_worker_cpus + 1e-9))
     if requested > fits:
         log.warning("--max-concurrent %d: each trial's workers hold %g CPU on this %g-CPU cluster; running %d at a "
                     "time", requested, trial_worker_cpus, cluster_cpus, fits)
