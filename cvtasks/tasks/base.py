@@ -98,9 +98,9 @@ class Task(ABC):
         """Task-specific files for MLflow: name -> PIL image, text or dict (JSON). None by default."""
         return {}
 
+    @abstractmethod
     def predict_files(self, model: nn.Module, paths: list[str], out_dir: Path, cfg: Config) -> list[Path]:
         """``raycv predict``: run ``model`` (in eval mode, on CPU) on image files, write results under ``out_dir``.
 
         ``cfg`` is the config the model was trained with. Returns the files written (pictures, JSON).
         """
-        raise NotImplementedError(f"raycv predict is not available for task {self.name!r}")
