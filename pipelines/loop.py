@@ -2,7 +2,8 @@
 
 Rank 0 logs each epoch to MLflow right after ``ray.train.report`` has persisted the epoch's checkpoint. A
 restarted attempt (worker failure or ``--resume``) first replays the checkpoint's metric history into MLflow for
-epochs MLflow lacks, so no epoch is lost or logged twice.
+epochs MLflow lacks, so no epoch is lost; an epoch that a lost attempt logged after a checkpoint the restart does
+not see (a Tune trial restores the checkpoint Tune last recorded) keeps its first values, so none is logged twice.
 """
 
 from __future__ import annotations
@@ -138,20 +139,25 @@ class _MlflowLogger:
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri) if active else None
+        self.logged: set[int] = set()  # epochs the MLflow run already has
 
     def image(self, image: Any, path: str) -> None:
         if self.client:
             tracking.log_image(self.client, self.run_id, image, path)
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        if self.client:
-            tracking.log_epoch(self.client, self.run_id, epoch, metrics)
+        if not self.client:
+            return
+        if epoch in self.logged:
+            log.warning("epoch %d is already in MLflow run %s from an interrupted attempt: keeping its first values",
+                        epoch, self.run_id)
+            return
+        tracking.log_epoch(self.client, self.run_id, epoch, metrics)
 
-    def replay(self, history: list[dict[str, float]]) -> None:
+    def start(self, history: list[dict[str, float]]) -> None:
+        """Replay the checkpoint's ``history`` (empty on a fresh start) and note the epochs the run has."""
         if self.client:
-            replayed = tracking.replay_history(self.client, self.run_id, history)
-            if replayed:
-                log.info("replayed %d checkpointed epoch(s) missing from MLflow run %s", replayed, self.run_id)
+            self.logged = tracking.replay_history(self.client, self.run_id, history)
 
     def tags(self, tags: dict[str, str]) -> None:
         if self.client:
@@ -218,10 +224,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-        logger.replay(history)
         log.info("rank %d resumed after epoch %d", rank, state["epoch"])
     else:
         logger.tags({"raycv.weights": getattr(raw_model, "weights_description", "n/a")})
+    logger.start(history)
     model = ray.train.torch.prepare_model(model)
 
     epochs = int(cfg["train"]["epochs"])

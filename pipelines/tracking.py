@@ -117,13 +117,15 @@ def log_epoch(client: MlflowClient, run_id: str, epoch: int, metrics: dict[str, 
     client.log_batch(run_id, metrics=batch)
 
 
-def replay_history(client: MlflowClient, run_id: str, history: list[dict[str, float]]) -> int:
-    """Log the epochs of a checkpoint's metric history that MLflow lacks; returns how many were replayed."""
+def replay_history(client: MlflowClient, run_id: str, history: list[dict[str, float]]) -> set[int]:
+    """Log the epochs of a checkpoint's metric history that MLflow lacks; returns the epochs the run now has."""
     have = logged_epochs(client, run_id)
     missing = [entry for entry in history if int(entry[EPOCH_KEY]) not in have]
     for entry in missing:
         log_epoch(client, run_id, int(entry[EPOCH_KEY]), entry)
-    return len(missing)
+    if missing:
+        log.info("replayed %d checkpointed epoch(s) missing from MLflow run %s", len(missing), run_id)
+    return have | {int(entry[EPOCH_KEY]) for entry in missing}
 
 
 def log_image(client: MlflowClient, run_id: str, image: Image.Image, path: str) -> None:
