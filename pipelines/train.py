@@ -119,6 +119,12 @@ def _open_run(
     return run_id, name
 
 
+def _status_after(error: BaseException) -> str:
+    """MLflow status of a run ``trainer.fit`` left with ``error``: Tune stops a trial (ASHA) by raising
+    ``SystemExit(0)`` in it, which ends the run KILLED, not FAILED."""
+    return "KILLED" if isinstance(error, SystemExit) and not error.code else "FAILED"
+
+
 def run_training(
     cfg: dict, tracking_uri: str, resume: str | None = None, storage: str | None = None, *,
     run_tags: dict[str, str] | None = None, parent_run_id: str | None = None, callbacks: list | None = None,
@@ -163,8 +169,8 @@ def run_training(
         )
         with _sigint_handler_restored():
             result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+    except BaseException as error:
+        client.set_terminated(run_id, status=_status_after(error))
         raise
     wall = time.perf_counter() - started
     client.log_metric(run_id, "wall_seconds", wall)

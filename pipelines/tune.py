@@ -247,7 +247,7 @@ def _summarize_sweep(client: MlflowClient, plan: SweepPlan, parent_run_id: str, 
                        "run_id": child, "trial": trial_id})
     finite = [t for t in trials if isinstance(t[metric], float) and not math.isnan(t[metric])]
     best = (max if plan.mode == "max" else min)(finite, key=lambda t: t[metric]) if finite else None
-    _close_child_runs(client, parent_run_id)
+    _close_child_runs(client, parent_run_id, trials)
     client.log_text(parent_run_id, _csv(trials), "trials.csv")
     if best is not None:
         best_config = {k: best[k] for k in space}
@@ -270,12 +270,22 @@ def _summarize_sweep(client: MlflowClient, plan: SweepPlan, parent_run_id: str, 
     )
 
 
-def _close_child_runs(client: MlflowClient, parent_run_id: str) -> None:
-    """Trials ASHA stopped early never end their MLflow run themselves: mark them KILLED and tag why."""
+def _close_child_runs(client: MlflowClient, parent_run_id: str, trials: list[dict[str, Any]]) -> None:
+    """End the child runs of trials the scheduler stopped: KILLED and tagged ``raycv.early_stopped``.
+
+    A stopped trial is one Tune ended without an error whose run did not finish. Depending on timing its run is
+    still RUNNING (the trial actor was killed outright) or already ended by ``run_training`` (Tune's stop reached
+    the trial as ``SystemExit``); either way it is marked the same here.
+    """
+    stopped = {t["run_id"] for t in trials if t["run_id"] and not t["error"]}
     for run in tracking.child_runs(client, parent_run_id):
-        if run.info.status == "RUNNING":
+        if run.info.status == "FINISHED":
+            continue
+        if run.info.run_id in stopped:
             tracking.set_tags(client, run.info.run_id, {"raycv.early_stopped": "true"})
             client.set_terminated(run.info.run_id, status="KILLED")
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
