@@ -16,6 +16,9 @@ from tests.services import (
     stop_ray_cluster,
 )
 
+# Tests report no usage statistics. This also keeps Ray Data's usage poller from querying a Prometheus server
+# that is not there and logging the failures while the interpreter shuts down.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # Before any test module imports ray (which reads the auth mode once): the session's cluster requires a token.
 RAY_AUTH_ENV = enable_token_auth(Path(tempfile.mkdtemp(prefix="raycv-auth-")))
 

@@ -22,6 +22,11 @@ LEARN_BATCH = 32
 LEARN_WIDTH = 8
 
 
+def as_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A batch as the training loop gets it: writable tensors (decoded arrays may be read-only views)."""
+    return {k: torch.as_tensor(np.array(v)) for k, v in batch.items()}
+
+
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("classification")
@@ -158,7 +163,7 @@ def test_renders_are_captioned_grids(demo_root):
     inputs = task.render_inputs(batch, cfg)
     assert isinstance(inputs, Image.Image) and inputs.width > 8 * 96 and inputs.height > 2 * 96
     model = cifar_resnet18(width=4).eval()
-    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    tensors = as_tensors(batch)
     predictions = task.render_predictions(model, tensors, cfg)
     assert predictions.height > inputs.height  # two caption lines instead of one
 
@@ -178,7 +183,7 @@ def test_hotdog_task_pipeline_model_and_groups(demo_root):
     assert model.fc.out_features == 2
     groups = task.param_groups(model, cfg)
     assert [g["lr_mult"] for g in groups] == [1.0, cfg["optim"]["head_lr_mult"]] == [1.0, 10.0]
-    rendered = task.render_predictions(model.eval(), {k: torch.from_numpy(v) for k, v in batch.items()}, cfg)
+    rendered = task.render_predictions(model.eval(), as_tensors(batch), cfg)
     assert isinstance(rendered, Image.Image)
 
 
@@ -216,13 +221,13 @@ def test_cifar_task_learns_demo_data(demo_root):
     for _ in range(LEARN_STEPS):
         pick = rng.integers(0, len(train["label"]), LEARN_BATCH)
         batch = task.augment({k: v[pick] for k, v in train.items()}, True, cfg, rng)
-        tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+        tensors = as_tensors(batch)
         loss, _ = task.loss(task.forward(model, tensors), tensors, cfg)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
-    batch = {k: torch.from_numpy(v) for k, v in task.augment(val, False, cfg, rng).items()}
+    batch = as_tensors(task.augment(val, False, cfg, rng))
     with torch.no_grad():
         acc = task.summarize(task.metric_sums(task.forward(model, batch), batch, cfg), cfg)["acc"]
     print(f"cifar demo learning check: val_acc {acc:.3f} after {LEARN_STEPS} steps "
