@@ -21,6 +21,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("connected to Ray cluster at %s", address)
     else:
         # "local" starts a fresh instance even where `ray start` left a cluster running: no address means local.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-        log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
+        # workers' CPUs of a sweep trial that ASHA stopped are never released and the next trial waits forever.
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           log_to_driver=True)
+        log.info("started a local Ray with %s CPUs; dashboard http://%s", ray.cluster_resources().get("CPU"),
+                 context.dashboard_url)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -44,7 +44,7 @@ class DemoStep:
 
 
 DEMO_STEPS: list[DemoStep] = [
-    DemoStep("cifar10", "cifar10", ["train.epochs=4", "scaling.workers=2", "data.batch_size=64"]),
+    DemoStep("cifar10", "cifar10", ["train.epochs=3", "scaling.workers=2", "data.batch_size=64"]),
     DemoStep("hotdog-source", "hotdog", [*HOTDOG_CPU, "data.dataset=hotdog-source", "model.weights=scratch",
                                          "data.batch_size=64", "optim.name=adam", "optim.lr=0.002",
                                          "train.epochs=5"]),
@@ -53,10 +53,12 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("hotdog-scratch", "hotdog", [*HOTDOG_CPU, "model.weights=scratch", "train.epochs=3"]),
     DemoStep("banana", "banana", ["train.epochs=6"]),
     DemoStep("voc", "voc", ["train.epochs=6"]),
-    DemoStep("style", "style", ["style.steps=200", "style.size=[96, 144]", "style.log_every=50"], kind="style"),
+    # 3 pairs x 0.66 CPU: all three at once on 2 cores (one thread each) rather than two and then one.
+    DemoStep("style", "style", ["style.steps=150", "style.size=[96, 144]", "style.log_every=50",
+                                "scaling.cpus_per_worker=0.66"], kind="style"),
     DemoStep("sweep-hotdog", "hotdog", [*HOTDOG_CPU, "model.weights=runs:/{run:hotdog-source}/model",
                                         "train.epochs=2"],
-             kind="tune", sweep={"num_samples": 4, "scheduler": "asha", "max_concurrent": 2}),
+             kind="tune", sweep={"num_samples": 3, "scheduler": "asha", "max_concurrent": 2}),
 ]
 
 

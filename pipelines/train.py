@@ -48,23 +48,27 @@ def with_absolute_data_root(cfg: dict) -> dict:
     return {**cfg, "data": {**cfg["data"], "root": storage_paths.absolute(str(cfg["data"]["root"]))}}
 
 
-def cpus_for_training(cluster_cpus: float) -> float:
-    """The cluster's CPUs that training workers may hold: one (half of a 1-CPU cluster) stays free for Ray Data."""
-    return cluster_cpus - 1.0 if cluster_cpus > 1 else cluster_cpus / 2
+def cpus_for_training(cluster_cpus: float, held_cpus: float = 0.0) -> float:
+    """The cluster's CPUs that training workers may hold: of what ``held_cpus`` (the sweep trial functions that
+    drive them) leave, one CPU (half of a single CPU) stays free for Ray Data."""
+    free = cluster_cpus - held_cpus
+    return free - 1.0 if free > 1 else free / 2
 
 
-def worker_cpus(requested: float, workers: int, cluster_cpus: float) -> float:
-    """CPUs per training worker, lowered where the workers would hold every CPU of the cluster.
+def worker_cpus(requested: float, workers: int, cluster_cpus: float, held_cpus: float = 0.0) -> float:
+    """CPUs per training worker, lowered where the workers would take the CPU Ray Data needs.
 
-    Ray Data decodes and augments in Ray tasks that need a CPU of their own: with none left, training waits
-    forever for its first batch (e.g. 2 workers x 1 CPU on a 2-CPU laptop).
+    Ray Data decodes and augments in Ray tasks that need a whole CPU of their own: without one, training waits
+    forever for its first batch (e.g. 2 workers x 1 CPU on a 2-CPU laptop, or 1 worker x 1 CPU next to a sweep
+    trial function's 0.01 CPU).
     """
-    spare = cpus_for_training(cluster_cpus)
+    spare = cpus_for_training(cluster_cpus, held_cpus)
     if requested * workers <= spare or spare <= 0:
         return requested
     lowered = spare / workers
-    log.warning("%d workers x %g CPU would leave Ray Data no CPU on this %g-CPU cluster: using %.2f CPU per worker",
-                workers, requested, cluster_cpus, lowered)
+    held = f" ({held_cpus:g} held by sweep trials)" if held_cpus else ""
+    log.warning("%d workers x %g CPU would leave Ray Data no CPU on this %g-CPU cluster%s: using %.2f CPU per "
+                "worker", workers, requested, cluster_cpus, held, lowered)
     return lowered
 
 
@@ -85,11 +89,11 @@ def _sigint_handler_restored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def scaling_config(cfg: dict) -> ScalingConfig:
+def scaling_config(cfg: dict, held_cpus: float = 0.0) -> ScalingConfig:
     scaling = cfg["scaling"]
     gpus = float(scaling["gpus_per_worker"])
     cpus = worker_cpus(float(scaling["cpus_per_worker"]), int(scaling["workers"]),
-                       float(ray.cluster_resources().get("CPU", 0.0)))
+                       float(ray.cluster_resources().get("CPU", 0.0)), held_cpus)
     resources: dict[str, float] = {"CPU": cpus}
     if gpus:
         resources["GPU"] = gpus
@@ -128,11 +132,13 @@ def _status_after(error: BaseException) -> str:
 def run_training(
     cfg: dict, tracking_uri: str, resume: str | None = None, storage: str | None = None, *,
     run_tags: dict[str, str] | None = None, parent_run_id: str | None = None, callbacks: list | None = None,
+    held_cpus: float = 0.0,
 ) -> TrainOutcome:
     """Train ``cfg["task"]`` with Ray Train and track it in MLflow.
 
     ``resume``: a run id or "latest" to continue from its last checkpoint. ``parent_run_id`` nests the new run
-    (sweeps); ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback`` inside a sweep trial).
+    (sweeps); ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback`` inside a sweep trial);
+    ``held_cpus``: CPUs the processes driving this run hold besides its workers (a sweep's trial functions).
     """
     started = time.perf_counter()
     task = get_task(cfg["task"])
@@ -156,7 +162,7 @@ def run_training(
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg, "tracking_uri": tracking_uri, "run_id": run_id},
-            scaling_config=scaling_config(cfg),
+            scaling_config=scaling_config(cfg, held_cpus),
             run_config=RunConfig(
                 name=name,
                 storage_path=storage,

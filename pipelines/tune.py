@@ -105,6 +105,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
     run_training(
         cfg, config["tracking_uri"], resume=existing, storage=config["storage"],
         run_tags=tags, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()],
+        held_cpus=config["held_cpus"],
     )
 
 
@@ -139,17 +140,20 @@ def sweep_plan(cfg: dict) -> SweepPlan:
                      train_scaling=cfg["scaling"])
 
 
-def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cluster_cpus: float) -> int:
+def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cluster_cpus: float,
+                        driver_cpus: float = TRIAL_DRIVER_CPUS) -> int:
     """``requested`` concurrent trials, lowered to what the cluster fits with one CPU left for Ray Data.
 
-    Tune only sees each trial function's sliver of CPU, not the Train workers it starts: past this limit the
-    trials' worker groups wait for each other's CPUs and the sweep stalls instead of queueing.
+    Tune only sees each trial function's ``driver_cpus``, not the Train workers it starts: past this limit the
+    trials' worker groups wait for each other's CPUs and the sweep stalls instead of queueing. The trial functions'
+    own CPUs are counted for all ``requested`` trials (a bound: fewer run when the cap applies).
     """
     if not train_scaling:
         return requested
+    held = requested * driver_cpus
     workers = int(train_scaling["workers"])
-    trial_worker_cpus = workers * worker_cpus(float(train_scaling["cpus_per_worker"]), workers, cluster_cpus)
-    fits = max(1, math.floor(cpus_for_training(cluster_cpus) / trial_worker_cpus + 1e-9))
+    trial_worker_cpus = workers * worker_cpus(float(train_scaling["cpus_per_worker"]), workers, cluster_cpus, held)
+    fits = max(1, math.floor(cpus_for_training(cluster_cpus, held) / trial_worker_cpus + 1e-9))
     if requested > fits:
         log.warning("--max-concurrent %d: each trial's workers hold %g CPU on this %g-CPU cluster; running %d at a "
                     "time", requested, trial_worker_cpus, cluster_cpus, fits)
@@ -203,6 +207,8 @@ def run_sweep(
     param_space = {
         "base": base, "sampled": space, "tracking_uri": tracking_uri,
         "parent_run_id": parent_run_id, "storage": storage,
+        # what the concurrent trial functions hold: each trial's workers leave Ray Data a whole CPU beside them
+        "held_cpus": max_concurrent * plan.resources.get("CPU", 0.0),
     }
     try:
         if resume:

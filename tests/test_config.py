@@ -49,6 +49,10 @@ def test_worker_cpus_leave_one_cpu_for_ray_data():
     assert worker_cpus(1.0, 2, cluster_cpus=2.0) == 0.5
     assert worker_cpus(1.0, 1, cluster_cpus=1.0) == 0.5
     assert worker_cpus(2.0, 4, cluster_cpus=64.0) == 2.0
+    # A sweep trial's own 0.01 CPU counts: a 1-CPU worker beside it would leave Ray Data 0.99 CPU, and its
+    # augment tasks (1 CPU each) would never run (the demo's sweep stalled on its first epoch).
+    assert worker_cpus(1.0, 1, cluster_cpus=2.0) == 1.0
+    assert worker_cpus(1.0, 1, cluster_cpus=2.0, held_cpus=0.01) == pytest.approx(0.99)
 
 
 def test_sweep_concurrency_fits_the_trials_train_workers():
