@@ -56,8 +56,9 @@ DEMO_STEPS: list[DemoStep] = [
     # 3 pairs x 0.66 CPU: all three at once on 2 cores (one thread each) rather than two and then one.
     DemoStep("style", "style", ["style.steps=150", "style.size=[96, 144]", "style.log_every=50",
                                 "scaling.cpus_per_worker=0.66"], kind="style"),
+    # Workers of 0.49 CPU: two trials (and their 0.01-CPU trial functions) fit beside Ray Data's CPU on 2 cores.
     DemoStep("sweep-hotdog", "hotdog", [*HOTDOG_CPU, "model.weights=runs:/{run:hotdog-source}/model",
-                                        "train.epochs=2"],
+                                        "train.epochs=2", "scaling.cpus_per_worker=0.49"],
              kind="tune", sweep={"num_samples": 3, "scheduler": "asha", "max_concurrent": 2}),
 ]
 
