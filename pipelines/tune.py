@@ -201,14 +201,15 @@ def run_sweep(
     log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg["task"], parent_run_id, experiment_path)
 
     trainable = tune.with_resources(plan.trainable, plan.resources)
+    driver_cpus = plan.resources.get("CPU", 0.0)
     max_concurrent = fitting_concurrency(max_concurrent, plan.train_scaling,
-                                         float(ray.cluster_resources().get("CPU", 0.0)))
+                                         float(ray.cluster_resources().get("CPU", 0.0)), driver_cpus)
     base = {k: v for k, v in with_absolute_data_root(cfg).items() if k != "search"}
     param_space = {
         "base": base, "sampled": space, "tracking_uri": tracking_uri,
         "parent_run_id": parent_run_id, "storage": storage,
         # what the concurrent trial functions hold: each trial's workers leave Ray Data a whole CPU beside them
-        "held_cpus": max_concurrent * plan.resources.get("CPU", 0.0),
+        "held_cpus": max_concurrent * driver_cpus,
     }
     try:
         if resume:
@@ -283,11 +284,11 @@ def _close_child_runs(client: MlflowClient, parent_run_id: str, trials: list[dic
     still RUNNING (the trial actor was killed outright) or already ended by ``run_training`` (Tune's stop reached
     the trial as ``SystemExit``); either way it is marked the same here.
     """
-    stopped = {t["run_id"] for t in trials if t["run_id"] and not t["error"]}
+    ended_without_error = {t["run_id"] for t in trials if t["run_id"] and not t["error"]}
     for run in tracking.child_runs(client, parent_run_id):
         if run.info.status == "FINISHED":
             continue
-        if run.info.run_id in stopped:
+        if run.info.run_id in ended_without_error:
             tracking.set_tags(client, run.info.run_id, {"raycv.early_stopped": "true"})
             client.set_terminated(run.info.run_id, status="KILLED")
         elif run.info.status == "RUNNING":

@@ -30,12 +30,16 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subproces
 def _submit_when_an_agent_is_up(cmd: list[str], env: dict[str, str], tries: int = 4) -> subprocess.CompletedProcess:
     """``ray job submit``, retried while the head answers "No available agent" (its dashboard agent registers some
     seconds after ``ray start`` returns, later on a loaded machine); no job exists until a submission is accepted."""
+    def submit() -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    result = submit()
     for _ in range(tries - 1):
-        probe = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in probe.stdout + probe.stderr:
-            return _checked(cmd, probe)
+        if "No available agent" not in result.stdout + result.stderr:
+            break
         time.sleep(20)
-    return _run(cmd, env)
+        result = submit()
+    return _checked(cmd, result)
 
 
 def _checked(cmd: list[str], result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
