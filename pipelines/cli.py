@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from pipelines import logs
 from pipelines.config import ConfigError, available_tasks, load_config
 from pipelines.download import DownloadError
 
@@ -219,8 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DownloadError, ValueError, FileNotFoundError) as exc:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing
+import os
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,41 +15,63 @@ import pandas as pd
 
 from cvtasks.errors import DataFormatError
 from cvtasks.tasks import get_task
+from pipelines import logs
 
 log = logging.getLogger(__name__)
 
 #: Demo datasets: name -> ("module:function" taking ``(root, seed=)``, folder it writes under the root).
+#: The slowest writers come first, so that writing them in parallel ends at about the same time.
 DEMO_WRITERS: dict[str, tuple[str, str]] = {
+    "banana": ("cvtasks.demo.banana:write", "banana-detection"),
+    "hotdog-source": ("cvtasks.demo.hotdog:write_source", "hotdog-source"),
     "cifar10": ("cvtasks.demo.cifar:write", "cifar-10-batches-py"),
     "hotdog": ("cvtasks.demo.hotdog:write", "hotdog"),
-    "hotdog-source": ("cvtasks.demo.hotdog:write_source", "hotdog-source"),
-    "banana": ("cvtasks.demo.banana:write", "banana-detection"),
     "voc": ("cvtasks.demo.voc:write", "VOCdevkit"),
 }
 DEMO_MARKER = ".raycv-demo"
 
 
-def make_demo(root: str | Path, seed: int = 0, only: list[str] | None = None) -> dict[str, Path]:
-    """Write each demo dataset under ``root`` unless an earlier run already finished writing it."""
+def make_demo(root: str | Path, seed: int = 0, only: list[str] | None = None,
+              processes: int | None = None) -> dict[str, Path]:
+    """Write each demo dataset under ``root`` unless an earlier run already finished writing it.
+
+    Missing datasets are written in parallel, one process per CPU (``processes`` caps it): the writers encode
+    thousands of PNGs and JPEGs, which takes one core half a minute.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     names = only or list(DEMO_WRITERS)
     unknown = sorted(set(names) - set(DEMO_WRITERS))
     if unknown:
         raise ValueError(f"unknown demo dataset(s) {unknown}; known: {', '.join(DEMO_WRITERS)}")
-    written = {}
+    missing = []
     for name in names:
-        writer, folder = DEMO_WRITERS[name]
-        marker = root / folder / DEMO_MARKER
+        folder = root / DEMO_WRITERS[name][1]
+        marker = folder / DEMO_MARKER
         if marker.exists() and marker.read_text().strip() == str(seed):
-            log.info("demo %s: already at %s (seed %d), reusing it", name, root / folder, seed)
+            log.info("demo %s: already at %s (seed %d), reusing it", name, folder, seed)
         else:
-            log.info("demo %s: writing %s ...", name, root / folder)
-            module_name, function = writer.split(":")
-            getattr(importlib.import_module(module_name), function)(root, seed=seed)
-            marker.write_text(str(seed))
-        written[name] = root / folder
-    return written
+            log.info("demo %s: writing %s ...", name, folder)
+            missing.append(name)
+    workers = min(len(missing), processes or os.cpu_count() or 1)
+    if workers == 1:
+        for name in missing:
+            _write_demo(name, root, seed)
+    elif workers > 1:
+        # spawn, not fork: the calling process may already run Ray's threads.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=logs.configure, initargs=(logging.getLogger().level,)) as pool:
+            for future in [pool.submit(_write_demo, name, root, seed) for name in missing]:
+                future.result()
+    return {name: root / DEMO_WRITERS[name][1] for name in names}
+
+
+def _write_demo(name: str, root: Path, seed: int) -> None:
+    """Run demo dataset ``name``'s writer, then mark its folder as complete for ``seed``."""
+    writer, folder = DEMO_WRITERS[name]
+    module_name, function = writer.split(":")
+    getattr(importlib.import_module(module_name), function)(root, seed=seed)
+    (root / folder / DEMO_MARKER).write_text(str(seed))
 
 
 def download(name: str, root: str | Path) -> Path:

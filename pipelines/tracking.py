@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,22 @@ def find_sweep_run(client: MlflowClient, task: str, sweep_path: str) -> str | No
     return runs[0].info.run_id if runs else None
 
 
+@contextmanager
+def _default_tracking_uri(uri: str) -> Iterator[None]:
+    """Make ``uri`` MLflow's process-wide tracking URI inside the block.
+
+    MLflow's SQL model registry looks a ``models:/m-...`` source up through a default ``MlflowClient()``, not the
+    client registering it: with any other default (``--tracking-uri`` naming another store) it reports the model
+    as not found.
+    """
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def register_best_model(client: MlflowClient, task: str, run_id: str, alias: str) -> str:
     """Register run ``run_id``'s model as a new version of ``raycv-<task>`` and point ``alias`` at it."""
     name = f"{EXPERIMENT_PREFIX}{task}"
@@ -208,7 +226,8 @@ def register_best_model(client: MlflowClient, task: str, run_id: str, alias: str
     if not models:
         raise ValueError(f"run {run_id} logged no model to register")
     # MLflow 3 registers a LoggedModel by its id; its models:/m-... URI is the version's source.
-    version = client.create_model_version(name, source=models[0].model_uri, run_id=run_id,
-                                          model_id=models[0].model_id, tags={"raycv.task": task})
+    with _default_tracking_uri(client.tracking_uri):
+        version = client.create_model_version(name, source=models[0].model_uri, run_id=run_id,
+                                              model_id=models[0].model_id, tags={"raycv.task": task})
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
