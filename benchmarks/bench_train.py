@@ -3,10 +3,11 @@
 Same demo data (CIFAR-10 pickled batches written to a temp folder), same model (d2l's CIFAR ResNet-18,
 ``cvtasks.models.resnet.cifar_resnet18`` at the config's ``model.width``), same optimizer and per-worker batch size:
 
-- Ray Train: ``pipelines.train.run_training`` with 1 and with 2 DDP workers (Ray Data decode/augment feeding each
-  worker's shard, MLflow tracking to a temp sqlite store); examples/sec are the ``examples_per_sec`` the loop reports
-  per epoch (training pass only), read back from MLflow. Workers reserve at most 1 CPU each and leave 1 of the
-  ``--cpus`` to Ray Data (2 workers on 2 CPUs: 0.5 each);
+- Ray Train: ``pipelines.train.run_training`` with 1 and with 2 DDP workers, and with 1 worker computing on
+  ``--cpus`` torch threads (``scaling.torch_threads``, as ``make demo`` runs single workers), Ray Data
+  decode/augment feeding each worker's shard, MLflow tracking to a temp sqlite store; examples/sec are the
+  ``examples_per_sec`` the loop reports per epoch (training pass only), read back from MLflow. Workers reserve at
+  most 1 CPU each and leave 1 of the ``--cpus`` to Ray Data (2 workers on 2 CPUs: 0.5 each);
 - plain: the training images decoded and preprocessed once into in-memory tensors (the task's decode and evaluation
   transform), then ``pipelines.loop.run_epoch`` -- the very step code Ray Train workers run -- over shuffled batches of
   those tensors in this one process, no Ray at all.
@@ -16,7 +17,8 @@ the plain loop runs before and after the Ray runs and the ratio uses the mean of
 Epoch 1 is reported apart from the steady state (epochs 2+). ``ray.init`` time and each run's wall time (worker
 start-up, checkpoints, MLflow model logging) are reported too.
 
-PyTorch threads: Ray gives each 1-CPU worker one intra-op thread; the plain loop runs with ``--plain-threads``
+PyTorch threads: Ray gives each worker of up to 1 CPU one intra-op thread unless ``scaling.torch_threads`` says
+otherwise; the plain loop runs with ``--plain-threads``
 (default 1: on a loaded 2-core machine, 2 threads made a ResNet step several times slower, not faster).
 
 Usage: python benchmarks/bench_train.py [--train-images 1500] [--epochs 3] [--cpus 2] [--plain-threads 1]
@@ -107,15 +109,19 @@ def cpus_per_worker(cpus: int, workers: int) -> float:
     return min(1.0, (cpus - 1) / workers)
 
 
-def bench_ray_train(cfg: Config, workers: int, cpus: int, tracking_uri: str, storage: str) -> Result:
-    cfg = {**cfg, "scaling": {**cfg["scaling"], "workers": workers, "cpus_per_worker": cpus_per_worker(cpus, workers)}}
+def bench_ray_train(cfg: Config, workers: int, cpus: int, tracking_uri: str, storage: str, threads: int = 0) -> Result:
+    """``threads``: torch intra-op threads per worker (0: Ray's one thread for a worker of up to 1 CPU)."""
+    cfg = {**cfg, "scaling": {**cfg["scaling"], "workers": workers, "cpus_per_worker": cpus_per_worker(cpus, workers),
+                              "torch_threads": threads}}
     outcome = run_training(cfg, tracking_uri, storage=storage)
     history = sorted(MlflowClient(tracking_uri).get_metric_history(outcome.run_id, EXAMPLES_KEY),
                      key=lambda m: m.step)
     rates = [m.value for m in history]
-    log.info("Ray Train, %d worker(s): examples/sec per epoch %s", workers, [round(r, 1) for r in rates])
-    return Result(f"Ray Train, {workers} worker(s) x {cfg['scaling']['cpus_per_worker']:g} CPU", workers, 1, rates,
-                  outcome.wall_seconds)
+    label = f"Ray Train, {workers} worker(s) x {cfg['scaling']['cpus_per_worker']:g} CPU"
+    if threads:
+        label += f", {threads} torch threads"
+    log.info("%s: examples/sec per epoch %s", label, [round(r, 1) for r in rates])
+    return Result(label, workers, threads or 1, rates, outcome.wall_seconds)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -148,7 +154,8 @@ def main(argv: list[str]) -> None:
         try:
             tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
             storage = str(root / "ray_results")
-            results = [bench_ray_train(cfg, workers, args.cpus, tracking_uri, storage) for workers in (1, 2)]
+            results = [bench_ray_train(cfg, workers, args.cpus, tracking_uri, storage, threads)
+                       for workers, threads in ((1, 0), (2, 0), (1, args.cpus))]
         finally:
             ray.shutdown()
         plain_after = bench_plain(cfg, args.plain_threads, "after Ray")

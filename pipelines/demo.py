@@ -35,7 +35,8 @@ HOTDOG_CPU = ["augment.size=64", "augment.resize_size=72", "augment.crop_scale=[
 #: epoch fewer left banana at 0.46 mAP and voc at 0.54 mIoU instead of ~0.77 and ~0.73.)
 COSINE = "optim.schedule=cosine"
 #: A single worker computes on every core: it reserves one CPU (Ray Data keeps the other), but the decoded data is
-#: cached, so Ray Data's augment tasks leave that CPU mostly idle. Measured: banana 79 -> 105 examples/sec.
+#: cached, so Ray Data's augment tasks leave that CPU mostly idle. Measured: banana 79 -> 105 examples/sec; CIFAR
+#: 1.50x side by side in benchmarks/bench_train.py.
 ALL_CORES = "scaling.torch_threads={cpus}"
 
 
