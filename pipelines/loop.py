@@ -250,6 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("rank %d resumed after epoch %d", rank, state["epoch"])
     else:
         logger.tags({"raycv.weights": getattr(raw_model, "weights_description", "n/a")})
+    logger.tags({"raycv.torch_threads": str(torch.get_num_threads())})  # examples/sec depend on it
     logger.start(history)
     model = ray.train.torch.prepare_model(model)
 

@@ -74,15 +74,22 @@ def test_ray_job_submit_with_token_auth(ray_cluster, mlflow_server, demo_root):
 
 
 def test_resume_continues_the_same_mlflow_run(ray_cluster, mlflow_server, demo_root, tmp_path):
-    base = [f"data.root={demo_root}", "model.weights=scratch", *HOTDOG_FAST]
-    first = run_training(load_config("hotdog", overrides=[*base, "train.epochs=1"]), mlflow_server.url,
-                         storage=str(tmp_path))
+    """Also: the resumed epoch gets its place on the cosine schedule, and the worker's torch threads are recorded."""
+    base = [f"data.root={demo_root}", "model.weights=scratch", *HOTDOG_FAST, "optim.schedule=cosine",
+            "scaling.torch_threads=2"]
+    first_cfg = load_config("hotdog", overrides=[*base, "train.epochs=1"])
+    first = run_training(first_cfg, mlflow_server.url, storage=str(tmp_path))
     resumed = run_training(load_config("hotdog", overrides=[*base, "train.epochs=2"]), mlflow_server.url,
                            resume=first.run_id)
     assert resumed.run_id == first.run_id
     client = MlflowClient(mlflow_server.url)
     assert _epochs_logged(client, first.run_id) == [0, 1]
-    assert client.get_run(first.run_id).info.status == "FINISHED"
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["raycv.torch_threads"] == "2"
+    lr = float(first_cfg["optim"]["lr"])
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(first.run_id, "lr"), key=lambda m: m.step)] \
+        == [(0, pytest.approx(lr)), (1, pytest.approx(lr * 0.5))]
 
 
 def test_local_cli_train_then_predict(demo_root, tmp_path):
