@@ -1,4 +1,4 @@
-"""The demo's plumbing without its 12 minutes of training: step configs, and the demo datasets written in parallel."""
+"""The demo's plumbing without its training: the step configs, and the demo datasets written in parallel."""
 
 import filecmp
 from pathlib import Path
