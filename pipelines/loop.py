@@ -40,18 +40,18 @@ SHUFFLE_BUFFER_BATCHES = 2
 def make_optimizer(groups: list[dict[str, Any]], optim: Config) -> torch.optim.Optimizer:
     """Adam or SGD over parameter groups whose ``lr_mult`` scales the base learning rate."""
     lr = float(optim["lr"])
-    param_groups = [
-        {"params": g["params"], "lr": lr * float(g.get("lr_mult", 1.0)), "lr_mult": float(g.get("lr_mult", 1.0))}
-        for g in groups
-    ]
+    param_groups = [{"params": g["params"], "lr_mult": float(g.get("lr_mult", 1.0))} for g in groups]
     name = optim["name"]
     if name == "adam":
-        return torch.optim.Adam(param_groups, lr=lr, weight_decay=float(optim["weight_decay"]))
-    if name == "sgd":
-        return torch.optim.SGD(
+        optimizer = torch.optim.Adam(param_groups, lr=lr, weight_decay=float(optim["weight_decay"]))
+    elif name == "sgd":
+        optimizer = torch.optim.SGD(
             param_groups, lr=lr, momentum=float(optim["momentum"]), weight_decay=float(optim["weight_decay"])
         )
-    raise ValueError(f'Unknown optimizer "{name}": use adam or sgd')
+    else:
+        raise ValueError(f'Unknown optimizer "{name}": use adam or sgd')
+    set_learning_rate(optimizer, lr)
+    return optimizer
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -231,8 +231,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = get_task(cfg["task"])
     torch.manual_seed(int(cfg["train"]["seed"]))
     device = ray.train.torch.get_device()
-    if int(cfg["scaling"]["torch_threads"]):
-        torch.set_num_threads(int(cfg["scaling"]["torch_threads"]))
+    threads = int(cfg["scaling"]["torch_threads"])
+    if threads:
+        torch.set_num_threads(threads)
     log.info("rank %d of %d on %s with %d torch threads", rank, world, device, torch.get_num_threads())
     model = task.build_model(cfg)
     raw_model = model
@@ -240,6 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = _MlflowLogger(config["tracking_uri"], config["run_id"], active=rank == 0)
 
     start_epoch, history = 0, []
+    tags = {"raycv.torch_threads": str(torch.get_num_threads())}  # examples/sec depend on it
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -249,8 +251,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         log.info("rank %d resumed after epoch %d", rank, state["epoch"])
     else:
-        logger.tags({"raycv.weights": getattr(raw_model, "weights_description", "n/a")})
-    logger.tags({"raycv.torch_threads": str(torch.get_num_threads())})  # examples/sec depend on it
+        tags["raycv.weights"] = getattr(raw_model, "weights_description", "n/a")
+    logger.tags(tags)
     logger.start(history)
     model = ray.train.torch.prepare_model(model)
 
