@@ -28,6 +28,19 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def split_last(uri: str) -> tuple[str, str]:
+    """(parent, last part) of a local path or URI: ``s3://b/raycv/x`` -> (``s3://b/raycv``, ``x``).
+
+    ``pathlib`` would collapse a URI's ``//`` (``s3:/b/raycv``), which is why URIs are split as text.
+    """
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        parent, name = posixpath.split(rest.rstrip("/"))
+        return f"{scheme}://{parent}", name
+    parent, name = os.path.split(os.path.abspath(uri))
+    return parent, name
+
+
 def absolute(uri: str) -> str:
     """A local path made absolute (workers do not share the driver's working folder); URIs as they are."""
     return uri if "://" in uri else os.path.abspath(uri)

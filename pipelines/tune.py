@@ -17,7 +17,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -30,6 +29,7 @@ from ray import tune  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
 
+from cvtasks import storage as storage_paths  # noqa: E402
 from cvtasks.tasks import get_task  # noqa: E402
 from pipelines import tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
@@ -185,7 +185,7 @@ def run_sweep(
     storage = storage or default_storage()
     space = search_space(cfg)
     if resume:
-        experiment_path = str(Path(resume).resolve()) if "://" not in resume else resume
+        experiment_path = storage_paths.absolute(resume).rstrip("/")
         parent_run_id = tracking.find_sweep_run(client, cfg["task"], experiment_path)
         if parent_run_id is None:
             raise ValueError(f"--resume: no MLflow sweep run records the Tune experiment {experiment_path}")
@@ -216,6 +216,7 @@ def run_sweep(
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
+            storage_path, name = storage_paths.split_last(experiment_path)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
@@ -224,7 +225,7 @@ def run_sweep(
                     scheduler=make_scheduler(scheduler, plan.max_t), max_concurrent_trials=max_concurrent,
                 ),
                 run_config=tune.RunConfig(
-                    name=Path(experiment_path).name, storage_path=str(Path(experiment_path).parent),
+                    name=name, storage_path=storage_path,
                 ),
             )
         results = tuner.fit()
