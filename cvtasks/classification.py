@@ -134,7 +134,10 @@ class ClassificationTask(Task):
         """Class names in label order, read from the dataset ``cfg`` points at."""
 
     def class_names(self, cfg: Config) -> list[str]:
-        """:meth:`read_class_names`, read once per dataset root."""
+        """``data.class_names`` where the config carries them (a model rebuilt for prediction away from its training
+        data), else :meth:`read_class_names`, read once per dataset root."""
+        if cfg["data"].get("class_names"):
+            return list(cfg["data"]["class_names"])
         key = f"{cfg['data']['root']}|{cfg['data'].get('dataset', '')}"
         if key not in self._class_names:
             self._class_names[key] = self.read_class_names(cfg)

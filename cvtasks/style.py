@@ -8,7 +8,6 @@ trained parameter; the VGG-19 extractor is frozen (:mod:`cvtasks.models.vgg`).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,13 +17,14 @@ import numpy as np
 import skimage.data
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from torch.optim.lr_scheduler import StepLR
 
 from cvtasks import storage
 from cvtasks.classification import captioned_tile
 from cvtasks.errors import DataFormatError
+from cvtasks.images import check_rgb_convertible, decode_image, to_8bit
 from cvtasks.models.vgg import AUTO, DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, VGGFeatures, build_vgg_features
 from cvtasks.segmentation import image_grid
 
@@ -38,9 +38,6 @@ MIN_IMAGE_SIDE = 32
 #: Transparent pixels are shown over white, as an image viewer would, not over whatever colour they hide.
 ALPHA_BACKGROUND = (255, 255, 255)
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-#: Pillow's modes of 16-bit grayscale (PNG/TIFF); converting them straight to RGB clips everything above 255.
-SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
-SIXTEEN_TO_EIGHT_BIT = 257  # 65535 / 255
 MAX_8BIT = 255
 #: Prefix of a config image spec naming a picture bundled with scikit-image (no download) instead of a file.
 DEMO_PREFIX = "skimage:"
@@ -57,10 +54,10 @@ CAPTION_COLOUR = (0, 0, 0)
 
 def to_rgb(img: Image.Image, source: object) -> Image.Image:
     """An RGB copy of ``img``: grayscale, palette, 16-bit grayscale and CMYK are converted; transparency (alpha
-    channel or a palette's transparent index) is composited over white. ``source`` names the image in errors."""
-    if img.mode in SIXTEEN_BIT_MODES:
-        scaled = np.asarray(img, dtype=np.float64) / SIXTEEN_TO_EIGHT_BIT
-        img = Image.fromarray(np.clip(np.round(scaled), 0, MAX_8BIT).astype(np.uint8), mode="L")
+    channel or a palette's transparent index) is composited over white. ``source`` names the image in errors;
+    a mode without an RGB meaning (float "F") raises :class:`DataFormatError`."""
+    img = to_8bit(img)
+    check_rgb_convertible(img, source)
     try:
         if img.mode in ALPHA_MODES or "transparency" in img.info:
             background = Image.new("RGBA", img.size, (*ALPHA_BACKGROUND, MAX_8BIT))
@@ -81,15 +78,10 @@ def check_image_size(img: Image.Image, source: object) -> None:
 def load_image(path: str) -> Image.Image:
     """The RGB image in file ``path`` (local path or URI readable by :mod:`cvtasks.storage`).
 
-    A missing file, a file that is not an image and an image under MIN_IMAGE_SIDE px on a side raise
-    :class:`DataFormatError` naming ``path``.
+    A missing file, a file that is not an image (empty, truncated, a decompression bomb), an image mode without an
+    RGB meaning and an image under MIN_IMAGE_SIDE px on a side raise :class:`DataFormatError` naming ``path``.
     """
-    data = storage.read_bytes(path)
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataFormatError(path, f"not a readable image ({exc})") from exc
+    img = decode_image(storage.read_bytes(path), path)
     check_image_size(img, path)
     return to_rgb(img, path)
 

@@ -6,9 +6,14 @@ import argparse
 import logging
 import sys
 
+from cvtasks.errors import DataFormatError
 from pipelines import logs
 from pipelines.config import ConfigError, available_tasks, load_config
 from pipelines.download import DownloadError
+from pipelines.failures import RunError
+
+#: Errors that say what is wrong with the user's input or setup: printed as one line, exit status 2.
+USER_ERRORS = (ConfigError, DataFormatError, DownloadError, RunError, ValueError, FileNotFoundError, PermissionError)
 
 log = logging.getLogger("raycv")
 STYLE_OUTPUT_DIR = "outputs/style"
@@ -49,10 +54,12 @@ def _amp_explicit(overrides: list[str]) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
     from pipelines.cluster import connect
     from pipelines.report import print_summary
-    from pipelines.tracking import resolve_tracking_uri
-    from pipelines.train import run_training
+    from pipelines.tracking import LATEST_ALIAS, registered_name, resolve_tracking_uri
+    from pipelines.train import preflight, resume_run_id, run_training
 
     cfg = resolved_config(args)
     if cfg.get("runner") == "style":
@@ -60,9 +67,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("style transfer has no epochs or checkpoints: use --set style.steps=N, or raycv stylize")
         return _stylize(cfg, args.tracking_uri, args.address, STYLE_OUTPUT_DIR)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    resume = resume_run_id(MlflowClient(tracking_uri), cfg["task"], args.resume) if args.resume else None
+    preflight(cfg, tracking_uri)  # before Ray starts: a bad config, dataset or weights fails in seconds, in one line
     connect(args.address)
-    outcome = run_training(cfg, tracking_uri, resume=args.resume, storage=args.storage)
+    outcome = run_training(cfg, tracking_uri, resume=resume, storage=args.storage, register_alias=LATEST_ALIAS)
     print_summary([(cfg["task"], outcome)], tracking_uri, metric_key=None)
+    if outcome.registered_version:
+        print(f"registered as {registered_name(cfg['task'])} version {outcome.registered_version} (alias "
+              f"'{LATEST_ALIAS}'): raycv predict {cfg['task']} IMAGE... uses it")
     return 0
 
 
@@ -70,10 +82,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipelines.cluster import connect
     from pipelines.report import format_table, ui_command
     from pipelines.tracking import resolve_tracking_uri
+    from pipelines.train import preflight
     from pipelines.tune import run_sweep
 
     cfg = resolved_config(args)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    if cfg.get("runner", "train") == "train":
+        preflight(cfg, tracking_uri)  # an invalid base config or dataset fails before Ray starts, not per trial
     connect(args.address)
     outcome = run_sweep(cfg, tracking_uri, num_samples=args.num_samples, scheduler=args.scheduler,
                         max_concurrent=args.max_concurrent, resume=args.resume, storage=args.storage)
@@ -81,9 +96,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print()
     print(format_table(list(outcome.trials[0]), [list(t.values()) for t in outcome.trials]) if outcome.trials
           else "no trials ran")
+    if outcome.failed:
+        print(f"\n{len(outcome.failed)} of {len(outcome.trials)} trials failed:")
+        for trial_id, error in outcome.failed.items():
+            print(f"  {trial_id}: {error}")
     print(f"\nbest {metric} = {outcome.best_metric:.4g} with {outcome.best_config} (run {outcome.best_run_id})")
     if outcome.registered_version:
         print(f"registered as raycv-{cfg['task']} version {outcome.registered_version} (alias 'best')")
+    elif outcome.best_run_id:
+        print(f"models:/raycv-{cfg['task']}@best unchanged: it scored at least as well as this sweep's best")
     print(f"sweep parent run {outcome.parent_run_id}; resume an interrupted sweep: --resume {outcome.experiment_path}")
     print(f"MLflow UI: {ui_command(tracking_uri)}")
     return 0
@@ -119,7 +140,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from pipelines import datasets
 
     if args.data_command == "make-demo":
-        datasets.make_demo(args.root, seed=args.seed, only=args.only)
+        datasets.make_demo_at(args.root, seed=args.seed, only=args.only)
     elif args.data_command == "download":
         path = datasets.download(args.name, args.root)
         print(f"{args.name}: ready at {path}")
@@ -131,9 +152,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.predict import predict
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking import LATEST_ALIAS, registered_name, resolve_tracking_uri
 
-    written = predict(args.task, args.model, args.images, args.out, resolve_tracking_uri(args.tracking_uri))
+    model = args.model or f"models:/{registered_name(args.task)}@{LATEST_ALIAS}"
+    written = predict(args.task, model, args.images, args.out, resolve_tracking_uri(args.tracking_uri))
     for path in written:
         print(path)
     return 0
@@ -172,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="apply a model logged by a raycv run to image files")
     predict.add_argument("task", choices=available_tasks())
     predict.add_argument("images", nargs="+", metavar="IMAGE")
-    predict.add_argument("--model", required=True,
-                         help="MLflow model URI: runs:/<run id>/model or models:/raycv-<task>@best")
+    predict.add_argument("--model",
+                         help="model of a raycv run: runs:/<run id>/model, models:/raycv-<task>@best (a sweep's "
+                              "winner), models:/raycv-<task>/<version> (default: models:/raycv-<task>@latest, the "
+                              "newest raycv train)")
     predict.add_argument("--out", default="predictions", help="folder for the pictures and JSON written")
     predict.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     predict.set_defaults(func=cmd_predict)
@@ -223,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DownloadError, ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         if args.verbose:
             raise
         print(f"raycv: error: {exc}", file=sys.stderr)

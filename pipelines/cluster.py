@@ -1,14 +1,26 @@
 """Connecting to Ray: an existing cluster when an address is given (``--address auto`` finds one started with
-``ray start`` on this machine; ``RAY_ADDRESS`` is set inside ``ray job submit``), else a new local Ray."""
+``ray start`` on this machine; ``RAY_ADDRESS`` is set inside ``ray job submit``), else a new local Ray.
+
+Who may use the local Ray: its dashboard (the job API: whoever can submit a job runs code as this user) listens
+on 127.0.0.1 only, which keeps other machines out but not other users of this machine. Against those it runs with
+Ray's token authentication: the token is ``RAY_AUTH_TOKEN`` / the file ``RAY_AUTH_TOKEN_PATH`` when set, else
+``~/.ray/auth_token``, which is created readable by this user only. ``RAY_AUTH_MODE=disabled`` turns that off (with a
+warning); the token then no longer protects the job API, and any local user can run jobs as you.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+from pathlib import Path
 
 import ray
 
 log = logging.getLogger(__name__)
+
+#: Where Ray looks for its token when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set.
+DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -20,6 +32,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         log.info("connected to Ray cluster at %s", address)
     else:
+        _require_token_auth()
         # "local" starts a fresh instance even where `ray start` left a cluster running: no address means local.
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
         # workers' CPUs of a sweep trial that ASHA stopped are never released and the next trial waits forever.
@@ -28,3 +41,32 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("started a local Ray with %s CPUs; dashboard http://%s", ray.cluster_resources().get("CPU"),
                  context.dashboard_url)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _require_token_auth() -> None:
+    """Token authentication for the local Ray about to start, unless the user turned it off.
+
+    Ray 2.60 turns it on for a new local Ray by itself when ``RAY_AUTH_MODE`` is unset (setting the variable here
+    instead would not reach Ray's cached config), but writes a missing ``~/.ray/auth_token`` with the default umask,
+    often readable by every local user, who could then submit jobs: this creates that file first, private to this
+    user.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
+    if mode != "token":
+        log.warning("RAY_AUTH_MODE=%s: the local Ray's job API on 127.0.0.1 accepts jobs from every user of this "
+                    "machine", mode)
+        return
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        _write_private_token(DEFAULT_TOKEN_FILE)
+
+
+def _write_private_token(path: Path) -> None:
+    """Create ``path`` holding a new random token, readable and writable by this user only; keep an existing one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    log.info("wrote a new Ray auth token to %s (readable by you only)", path)

@@ -70,7 +70,8 @@ def merge(cfg: dict, partial: dict, source: str, prefix: str = "") -> None:
     """Merge ``partial`` into ``cfg`` in place, each leaf checked like an override."""
     for key, value in partial.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict) and key not in FREE_FORM:
+        # A section merges key by key; an empty default mapping (scaling.worker_resources) takes the value whole.
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict) and cfg[key] and key not in FREE_FORM:
             merge(cfg[key], value, source, prefix=f"{path}.")
         else:
             try:
@@ -133,6 +134,36 @@ def _coerce(path: str, default: Any, value: Any) -> Any:
     if not isinstance(value, type(default)):
         raise ConfigError(f"{path} must be {type(default).__name__} like its default {default!r}, got {value!r}")
     return copy.deepcopy(value)
+
+
+#: Lowest allowed value of numeric keys (checked where a config has them: style transfer has no workers or epochs).
+AT_LEAST = {
+    "scaling.workers": 1, "scaling.gpus_per_worker": 0, "scaling.torch_threads": 0, "train.epochs": 1,
+    "train.max_failures": -1, "data.batch_size": 1, "data.eval_batch_size": 1, "optim.momentum": 0,
+    "optim.weight_decay": 0,
+}
+#: Numeric keys whose value must be above this bound.
+ABOVE = {"scaling.cpus_per_worker": 0, "optim.lr": 0}
+
+
+def check_values(cfg: dict) -> None:
+    """Refuse values no run can use (0 workers, 0 epochs, a negative learning rate), naming key and fix."""
+    for path, low in AT_LEAST.items():
+        value = _number_at(cfg, path)
+        if value is not None and value < low:
+            raise ConfigError(f"{path} must be at least {low}, got {value!r} (--set {path}=...)")
+    for path, bound in ABOVE.items():
+        value = _number_at(cfg, path)
+        if value is not None and not value > bound:
+            raise ConfigError(f"{path} must be above {bound}, got {value!r} (--set {path}=...)")
+
+
+def _number_at(cfg: dict, path: str) -> float | None:
+    try:
+        value = get_path(cfg, path)
+    except (KeyError, TypeError):
+        return None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:

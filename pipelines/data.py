@@ -12,7 +12,8 @@ Ray Train then splits the result across workers, which read their shard with ``i
 Throughput (benchmarks/bench_data.py): each epoch re-runs only the augment map over the cached blocks, so the per-epoch
 cost is dominated by Ray's per-task and per-execution overhead on small in-memory datasets. The split is therefore cut
 into few blocks (``BLOCKS_PER_CPU`` per Ray CPU), and skipped rows are counted from the cached blocks' metadata rather
-than by an aggregation and a second materialised copy.
+than by an aggregation and a second materialised copy. A streamed split keeps no blocks to count, so under
+``data.skip_bad`` (whose skips are always reported) it is decoded once more, streaming, just to count what is kept.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class SplitData:
     dataset: ray.data.Dataset
     rows: int
     cached: bool
-    skipped: int | None  # rows dropped by the task's ``keep`` column; None when unknown (streaming)
+    skipped: int | None  # rows dropped by the task's ``keep`` column; None when unknown (streamed, no skip_bad)
 
 
 def _decode(batch: Batch, task: Task, cfg: Config) -> Batch:
@@ -81,6 +82,17 @@ class RowBytes:
 
     decoded: float
     augmented: float
+
+
+def count_skipped(decoded: ray.data.Dataset, rows: int, cached: bool, skip_bad: bool) -> int | None:
+    """How many of the split's ``rows`` indexed samples the decode step dropped; None when not worth a pass.
+
+    A materialised (``cached``) split counts from its blocks' metadata. A streamed one is decoded again, streaming,
+    only under ``skip_bad``: its skipped files must be counted, and that pass is the price of knowing.
+    """
+    if not (cached or skip_bad):
+        return None
+    return rows - decoded.count()
 
 
 def row_bytes(task: Task, cfg: Config, index: pd.DataFrame) -> RowBytes:
@@ -150,13 +162,12 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
         task.name, split, len(index), estimate / 1e6, "cached in object store" if cached else "streamed",
         max_block / 1e6, decode_rows, augment_rows,
     )
-    skipped: int | None = None
     if cached:
         ds = ds.materialize()
-        skipped = len(index) - ds.count()  # from the materialised blocks' metadata: no pass over the data
-        if skipped:
-            log.warning("%s/%s: skipped %d of %d samples (see the task's log for why)", task.name, split, skipped,
-                        len(index))
+    skipped = count_skipped(ds, len(index), cached, bool(cfg["data"].get("skip_bad", False)))
+    if skipped:
+        log.warning("%s/%s: skipped %d of %d samples (see the task's log for why)", task.name, split, skipped,
+                    len(index))
     if train:
         ds = ds.randomize_block_order()
     ds = ds.map_batches(

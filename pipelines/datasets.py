@@ -6,6 +6,8 @@ import importlib
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cvtasks import storage
 from cvtasks.errors import DataFormatError
 from cvtasks.tasks import get_task
 from pipelines import logs
@@ -29,6 +32,10 @@ DEMO_WRITERS: dict[str, tuple[str, str]] = {
     "voc": ("cvtasks.demo.voc:write", "VOCdevkit"),
 }
 DEMO_MARKER = ".raycv-demo"
+#: Beside each demo folder while it is (re)written: ``.<folder>.staging`` holds the new copy, ``.<folder>.old`` the
+#: replaced one until the new copy is in place.
+STAGING_SUFFIX = ".staging"
+OLD_SUFFIX = ".old"
 
 
 def make_demo(root: str | Path, seed: int = 0, only: list[str] | None = None,
@@ -67,17 +74,86 @@ def make_demo(root: str | Path, seed: int = 0, only: list[str] | None = None,
 
 
 def _write_demo(name: str, root: Path, seed: int) -> None:
-    """Run demo dataset ``name``'s writer, then mark its folder as complete for ``seed``."""
+    """Run demo dataset ``name``'s writer into a staging folder, mark it complete for ``seed``, then swap it in.
+
+    The folder under ``root`` is only ever a finished copy (with its marker) or absent: a writer that crashes
+    leaves its staging folder, which the next run removes, never a mix of two seeds under a trusted marker.
+    """
     writer, folder = DEMO_WRITERS[name]
+    staging, old = root / f".{folder}{STAGING_SUFFIX}", root / f".{folder}{OLD_SUFFIX}"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     module_name, function = writer.split(":")
-    getattr(importlib.import_module(module_name), function)(root, seed=seed)
-    (root / folder / DEMO_MARKER).write_text(str(seed))
+    getattr(importlib.import_module(module_name), function)(staging, seed=seed)
+    (staging / folder / DEMO_MARKER).write_text(str(seed))
+    _swap_in(staging / folder, root / folder, old)
+    staging.rmdir()
 
 
-def download(name: str, root: str | Path) -> Path:
+def _swap_in(new: Path, target: Path, old: Path) -> None:
+    """Move complete folder ``new`` to ``target`` by renames, parking a previous ``target`` at ``old`` first."""
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def make_demo_at(root: str, seed: int = 0, only: list[str] | None = None) -> str:
+    """:func:`make_demo` for a local folder or a storage URI (``s3://bucket/datasets``); returns ``root``.
+
+    For a URI, the datasets it lacks (no marker for ``seed``) are written to a local staging folder and uploaded,
+    each folder's marker last, so an interrupted upload is redone by the next call.
+    """
+    if not storage.is_uri(root):
+        make_demo(root, seed=seed, only=only)
+        return root
+    names = only or list(DEMO_WRITERS)
+    missing = [name for name in names if not _remote_marker_is(root, DEMO_WRITERS[name][1], DEMO_MARKER, str(seed))]
+    for name in sorted(set(names) - set(missing)):
+        log.info("demo %s: already at %s (seed %d), reusing it", name, storage.join(root, DEMO_WRITERS[name][1]), seed)
+    if missing:
+        with tempfile.TemporaryDirectory(prefix="raycv-demo-") as staging:
+            make_demo(staging, seed=seed, only=missing)
+            for name in missing:
+                folder = DEMO_WRITERS[name][1]
+                count = storage.upload_tree(Path(staging) / folder, storage.join(root, folder), last=DEMO_MARKER)
+                log.info("demo %s: uploaded %d files to %s", name, count, storage.join(root, folder))
+    return root
+
+
+def _remote_marker_is(root: str, folder: str, marker: str, expected: str) -> bool:
+    path = storage.join(root, folder, marker)
+    return storage.exists(path) and storage.read_bytes(path).decode().strip() == expected
+
+
+def download(name: str, root: str | Path) -> str:
+    """Make dataset ``name`` ready under ``root``: a local folder, or a storage URI it is uploaded to.
+
+    For a URI the archive is fetched and unpacked in the local download cache (``$RAYCV_CACHE``, default
+    ``~/.cache/raycv``; an interrupted download resumes there), then uploaded with the completion marker last.
+    """
+    from pipelines.download import MARKER, SOURCES
     from pipelines.download import download as fetch
 
-    return fetch(name, root, progress=_log_progress)
+    if not storage.is_uri(root):
+        return str(fetch(name, root, progress=_log_progress))
+    if name not in SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}")
+    source = SOURCES[name]
+    if _remote_marker_is(str(root), source.top, MARKER, source.digest):
+        log.info("%s: already at %s", name, storage.join(str(root), source.folder))
+        return storage.join(str(root), source.folder)
+    local_root = download_cache() / name
+    fetch(name, local_root, progress=_log_progress)
+    count = storage.upload_tree(local_root / source.top, storage.join(str(root), source.top), last=MARKER)
+    log.info("%s: uploaded %d files to %s", name, count, storage.join(str(root), source.top))
+    return storage.join(str(root), source.folder)
+
+
+def download_cache() -> Path:
+    """Local folder where archives for storage URIs are fetched and unpacked before upload."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raycv"
+    return Path(os.environ.get("RAYCV_CACHE") or default)
 
 
 def _log_progress(done: int, total: int | None) -> None:

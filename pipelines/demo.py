@@ -21,7 +21,7 @@ import ray
 from pipelines.config import load_config
 from pipelines.datasets import make_demo
 from pipelines.report import format_table, ui_command
-from pipelines.tracking import run_url
+from pipelines.tracking import LATEST_ALIAS, run_url
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def _train(step: DemoStep, cfg: dict, tracking_uri: str) -> StepResult:
     from cvtasks.tasks import get_task
     from pipelines.train import run_training
 
-    outcome = run_training(cfg, tracking_uri, run_tags={"raycv.demo_step": step.name})
+    outcome = run_training(cfg, tracking_uri, run_tags={"raycv.demo_step": step.name},
+                           register_alias=LATEST_ALIAS)
     metric = get_task(step.task).metric
     return StepResult(step.name, outcome.run_id, outcome.experiment_id, metric, outcome.metrics.get(metric, 0.0),
                       outcome.metrics.get("examples_per_sec", 0.0), outcome.wall_seconds)

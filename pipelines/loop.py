@@ -24,15 +24,22 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from cvtasks.classification import ClassificationTask
+from cvtasks.errors import DataFormatError
+from cvtasks.models.weights import load_tensor_file
 from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Config, Task, TensorBatch
 from pipelines import tracking
+from pipelines.failures import fail_fast
 from pipelines.plots import learning_curves
-from pipelines.weights import resolve_model_uris
+from pipelines.weights import build_model
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+#: Run tag counting how often the worker group started for the run: above 1 after a restart (failure, --resume).
+ATTEMPTS_TAG = "raycv.attempts"
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history")
 #: Training batches are drawn from a buffer of this many batches' rows, on top of the pipeline's shuffled blocks.
 SHUFFLE_BUFFER_BATCHES = 2
 
@@ -157,7 +164,6 @@ class _MlflowLogger:
 
     def __init__(self, tracking_uri: str, run_id: str, active: bool) -> None:
         self.run_id = run_id
-        self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri) if active else None
         self.logged: set[int] = set()  # epochs the MLflow run already has
 
@@ -180,16 +186,17 @@ class _MlflowLogger:
             self.logged = tracking.replay_history(self.client, self.run_id, history)
 
     def tags(self, tags: dict[str, str]) -> None:
+        """Set ``tags`` and count this start of the worker group in ``raycv.attempts`` (1: no restart so far)."""
         if self.client:
-            tracking.set_tags(self.client, self.run_id, tags)
+            attempts = int(self.client.get_run(self.run_id).data.tags.get(ATTEMPTS_TAG, "0")) + 1
+            tracking.set_tags(self.client, self.run_id, {**tags, ATTEMPTS_TAG: str(attempts)})
+            if attempts > 1:
+                log.info("attempt %d of MLflow run %s (restarted from its last checkpoint)", attempts, self.run_id)
 
     def finish(self, task: Task, model: nn.Module, cfg: Config, history: list[dict[str, float]],
                val_batch: TensorBatch | None, val_sums: dict[str, torch.Tensor]) -> None:
         if not self.client:
             return
-        import mlflow
-        import mlflow.pytorch
-
         client = self.client
         client.log_image(self.run_id, learning_curves(history), artifact_file="plots/learning_curves.png")
         model.eval()
@@ -199,14 +206,9 @@ class _MlflowLogger:
                                  artifact_file="plots/val_predictions.png")
         for name, value in task.extra_artifacts(model, val_sums, cfg).items():
             tracking.log_artifact_value(client, self.run_id, name, value)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.run_id):
-            # Pickle format: every raycv model loads back with mlflow.pytorch.load_model where raycv is installed;
-            # MLflow's default pt2 export would need each model to be torch.export-traceable.
-            mlflow.pytorch.log_model(
-                model.to("cpu"), name="model", serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "raycv"],
-            )
+        # Tensors only (never a pickled model): predict and model.weights rebuild it with the task's build_model.
+        class_names = task.class_names(cfg) if isinstance(task, ClassificationTask) else None
+        tracking.log_model_state(client, self.run_id, model.state_dict(), class_names)
 
 
 def _save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -218,16 +220,39 @@ def _save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Op
     return ray.train.Checkpoint.from_directory(directory)
 
 
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """The state a raycv checkpoint directory holds (see ``_save_checkpoint``), read with ``weights_only=True``:
+    a ``state.pt`` that needs more (a pickle that would run code) raises ``DataFormatError`` naming it."""
+    path = str(Path(directory) / CHECKPOINT_FILE)
+    state = load_tensor_file(path, "raycv checkpoint", "raycv checkpoints hold tensors, numbers, strings, dicts "
+                                                       "and lists only")
+    if not (isinstance(state, dict) and all(key in state for key in CHECKPOINT_KEYS)):
+        raise DataFormatError(path, f"not a raycv checkpoint: expected a dict with {', '.join(CHECKPOINT_KEYS)}")
+    return state
+
+
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every worker, by rank (all ranks must call this together)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def _to_numpy(batch: TensorBatch) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in batch.items()}
 
 
+@fail_fast  # a deterministic error (bad data, config or weights) ends the run instead of being retried
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: {"cfg": task config, "tracking_uri": str, "run_id": str}."""
+    """Ray Train entry point. ``config``: {"cfg": task config, "tracking_uri": str, "run_id": str, "weights":
+    the driver's :class:`pipelines.weights.ResolvedWeights` or None}."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    cfg = resolve_model_uris(config["cfg"], config["tracking_uri"])
+    cfg = config["cfg"]
     task = get_task(cfg["task"])
     torch.manual_seed(int(cfg["train"]["seed"]))
     device = ray.train.torch.get_device()
@@ -235,17 +260,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if threads:
         torch.set_num_threads(threads)
     log.info("rank %d of %d on %s with %d torch threads", rank, world, device, torch.get_num_threads())
-    model = task.build_model(cfg)
+    model = build_model(task, cfg, config.get("weights"))
     raw_model = model
     optimizer = make_optimizer(task.param_groups(model, cfg), cfg["optim"])
     logger = _MlflowLogger(config["tracking_uri"], config["run_id"], active=rank == 0)
 
     start_epoch, history = 0, []
-    tags = {"raycv.torch_threads": str(torch.get_num_threads())}  # examples/sec depend on it
+    tags = {"raycv.torch_threads": str(torch.get_num_threads()),  # examples/sec depend on it
+            "raycv.worker_nodes": ",".join(_worker_nodes())}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            state = load_checkpoint(directory)
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]

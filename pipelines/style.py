@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from ray import tune
 
+from cvtasks.models.vgg import VGGFeatures
 from cvtasks.style import (
     DEMO_PREFIX,
     StepResult,
@@ -125,11 +126,14 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> No
 
 
 def tracked_stylize(client: MlflowClient, run_id: str, cfg: dict, content_img: Image.Image, style_img: Image.Image,
-                    device: str | torch.device = "cpu") -> Iterator[tuple[dict[str, float], Image.Image]]:
+                    device: str | torch.device = "cpu", extractor: VGGFeatures | None = None,
+                    ) -> Iterator[tuple[dict[str, float], Image.Image]]:
     """Stylise and log into MLflow run ``run_id``; yields (metrics with ``step``, image) every ``style.log_every``
-    steps and at the last, after they are logged (metrics of every step are logged in batches)."""
+    steps and at the last, after they are logged (metrics of every step are logged in batches). ``extractor``
+    defaults to the one ``style.weights`` names, built here."""
     style_cfg = StyleConfig.from_dict(cfg)
-    extractor = seeded_extractor(style_cfg)
+    if extractor is None:
+        extractor = seeded_extractor(style_cfg)
     weight_tags = {"raycv.weights": extractor.weights_description,
                    "raycv.weights_pretrained": str(extractor.pretrained).lower()}
     if not extractor.pretrained:  # build_vgg_features has warned on the console
@@ -188,12 +192,12 @@ class PairOutcome:
 
 
 @ray.remote
-def _stylize_task(cfg: dict, content_img: Image.Image, style_img: Image.Image, tracking_uri: str,
-                  run_id: str) -> tuple[dict[str, float], Image.Image]:
-    """One pair in a Ray worker: (last metrics, final image)."""
+def _stylize_task(cfg: dict, extractor: VGGFeatures, content_img: Image.Image, style_img: Image.Image,
+                  tracking_uri: str, run_id: str) -> tuple[dict[str, float], Image.Image]:
+    """One pair in a Ray worker, with the extractor the driver built: (last metrics, final image)."""
     client = MlflowClient(tracking_uri)
     started = time.perf_counter()
-    progress = tracked_stylize(client, run_id, cfg, content_img, style_img, _device(cfg))
+    progress = tracked_stylize(client, run_id, cfg, content_img, style_img, _device(cfg), extractor)
     metrics, image = deque(progress, maxlen=1)[0]  # run to the end, keep the last
     client.log_metric(run_id, "wall_seconds", time.perf_counter() - started)
     return metrics, image
@@ -210,7 +214,11 @@ def load_pairs(cfg: dict) -> list[InputPair]:
 def run_pairs(cfg: dict, inputs: Sequence[InputPair], tracking_uri: str, output_dir: str | Path) -> list[PairOutcome]:
     """Stylise each of ``inputs`` (from :func:`load_pairs`) as parallel Ray tasks; write the results to
     ``output_dir``. A pair that fails is marked FAILED in MLflow and reported in its outcome's ``error``; the other
-    pairs go on."""
+    pairs go on.
+
+    The VGG-19 extractor is built once here, on the driver, and shared through the object store: a ``style.weights``
+    file is read (tensor-only) where the user named it, and a bad one fails before any run or task starts."""
+    extractor = ray.put(seeded_extractor(StyleConfig.from_dict(cfg)))
     client = MlflowClient(tracking_uri)
     experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(TASK))
     resources = {"num_cpus": float(cfg["scaling"]["cpus_per_worker"]),
@@ -222,7 +230,8 @@ def run_pairs(cfg: dict, inputs: Sequence[InputPair], tracking_uri: str, output_
         run_id = open_run(client, pair_cfg, content, style)
         log.info("%s: MLflow %s", pair_name(content, style), tracking.run_url(tracking_uri, experiment_id, run_id))
         outcomes.append(PairOutcome(content, style, run_id, experiment_id))
-        ref = _stylize_task.options(**resources).remote(pair_cfg, content_img, style_img, tracking_uri, run_id)
+        ref = _stylize_task.options(**resources).remote(pair_cfg, extractor, content_img, style_img, tracking_uri,
+                                                        run_id)
         pending[ref] = (outcomes[-1], time.perf_counter())
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     while pending:

@@ -4,6 +4,9 @@ The driver creates (or, on resume, reopens) one run per training; rank 0 of the 
 id. After a worker failure or ``--resume`` the training restarts from its last Ray Train checkpoint, whose metric
 history is replayed into MLflow for any epoch MLflow does not have yet, so every epoch is logged once at
 ``step = epoch`` in the same run.
+
+A trained model is logged as tensors only (``model/state_dict.pt``), never as a pickled MLflow model: whoever reads
+it back rebuilds the model from the run's ``config.yaml`` and loads the weights with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -12,17 +15,19 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from cvtasks.errors import DataFormatError
+from cvtasks.models.weights import load_state_dict_file
 from pipelines.config import flatten
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,13 @@ EXPERIMENT_PREFIX = "raycv-"
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 #: The metric logged every epoch; its history tells which epochs a run already has.
 EPOCH_KEY = "epoch"
+#: A run's model: ``model/state_dict.pt`` (tensors only) and, for classifiers, ``model/class_names.json``.
+MODEL_DIR = "model"
+#: Registry aliases: every ``raycv train`` moves ``latest`` to its model, a sweep moves ``best`` to its winner.
+LATEST_ALIAS = "latest"
+BEST_ALIAS = "best"
+STATE_DICT_FILE = "state_dict.pt"
+CLASS_NAMES_FILE = "class_names.json"
 _MLFLOW_BATCH = 100  # MLflow accepts at most this many params per log_batch call
 _PARAM_MAX_CHARS = 6000
 
@@ -158,14 +170,16 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"run {run_id} in {tracking_uri} (browse: mlflow ui --backend-store-uri {tracking_uri})"
 
 
-def find_latest_run(client: MlflowClient, task: str) -> str | None:
-    """The most recent training run of ``task`` (for ``--resume`` without a run id)."""
+def find_latest_run(client: MlflowClient, task: str, unfinished: bool = True) -> str | None:
+    """The most recent training run of ``task`` that did not finish (``--resume`` without a run id), or with
+    ``unfinished=False`` the most recent one whatever its status."""
     experiment = client.get_experiment_by_name(experiment_name(task))
     if experiment is None:
         return None
+    status = " and attributes.status != 'FINISHED'" if unfinished else ""
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string="tags.`raycv.kind` = 'train'",
+        filter_string=f"tags.`raycv.kind` = 'train'{status}",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -198,36 +212,98 @@ def find_sweep_run(client: MlflowClient, task: str, sweep_path: str) -> str | No
     return runs[0].info.run_id if runs else None
 
 
-@contextmanager
-def _default_tracking_uri(uri: str) -> Iterator[None]:
-    """Make ``uri`` MLflow's process-wide tracking URI inside the block.
+def log_model_state(client: MlflowClient, run_id: str, state_dict: dict[str, torch.Tensor],
+                    class_names: list[str] | None) -> None:
+    """Log a trained model as tensors only: ``model/state_dict.pt`` (``torch.save`` of the state dict) and, for
+    classifiers, ``model/class_names.json``; with the run's ``config.yaml`` the task's ``build_model`` rebuilds it
+    on any machine, without its training data."""
+    with tempfile.TemporaryDirectory(prefix="raycv-model-") as directory:
+        folder = Path(directory) / MODEL_DIR
+        folder.mkdir()
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, folder / STATE_DICT_FILE)
+        if class_names is not None:
+            (folder / CLASS_NAMES_FILE).write_text(json.dumps(class_names))
+        client.log_artifacts(run_id, str(folder), MODEL_DIR)
 
-    MLflow's SQL model registry looks a ``models:/m-...`` source up through a default ``MlflowClient()``, not the
-    client registering it: with any other default (``--tracking-uri`` naming another store) it reports the model
-    as not found.
-    """
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+
+def model_run_id(client: MlflowClient, model_uri: str) -> str:
+    """The run that logged the model ``runs:/<run id>/model``, ``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>`` names (a registered version's run)."""
+    if model_uri.startswith("runs:/"):
+        run_id, _, path = model_uri[len("runs:/"):].partition("/")
+        if run_id and path.strip("/") == MODEL_DIR:
+            return run_id
+    elif model_uri.startswith("models:/"):
+        name, at, alias = model_uri[len("models:/"):].partition("@")
+        if not at:
+            name, _, version = name.partition("/")
+        try:
+            found = client.get_model_version_by_alias(name, alias) if at else \
+                client.get_model_version(name, version) if version.isdigit() else None
+        except mlflow.exceptions.MlflowException as exc:
+            raise ValueError(f"{model_uri}: {exc.message}") from None
+        if found is not None and found.run_id:
+            return found.run_id
+    raise ValueError(f"{model_uri}: expected runs:/<run id>/{MODEL_DIR}, models:/<name>@<alias> or "
+                     "models:/<name>/<version> of a model logged by a raycv run")
+
+
+def _download(client: MlflowClient, run_id: str, path: str, directory: str) -> Path:
+    """A run's artifact ``path`` in ``directory``; a missing one raises ``FileNotFoundError`` naming it."""
     try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
+        return Path(client.download_artifacts(run_id, path, directory))
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        raise FileNotFoundError(f"runs:/{run_id}/{path}: cannot read this artifact ({exc})") from None
 
 
-def register_best_model(client: MlflowClient, task: str, run_id: str, alias: str) -> str:
-    """Register run ``run_id``'s model as a new version of ``raycv-<task>`` and point ``alias`` at it."""
-    name = f"{EXPERIMENT_PREFIX}{task}"
+def load_model_state(client: MlflowClient, run_id: str) -> dict[str, torch.Tensor]:
+    """The state dict run ``run_id`` logged, read tensor-only; anything else in its place (a pickle that would run
+    code) raises ``DataFormatError`` naming the artifact and is never executed."""
+    artifact = f"{MODEL_DIR}/{STATE_DICT_FILE}"
+    with tempfile.TemporaryDirectory(prefix="raycv-model-") as directory:
+        local = _download(client, run_id, artifact, directory)
+        try:
+            return load_state_dict_file(str(local))
+        except DataFormatError as exc:
+            raise DataFormatError(f"runs:/{run_id}/{artifact}", exc.problem) from None
+
+
+def load_class_names(client: MlflowClient, run_id: str) -> list[str] | None:
+    """The class names a classifier's run logged beside its weights; None for other tasks."""
+    if CLASS_NAMES_FILE not in {Path(a.path).name for a in client.list_artifacts(run_id, MODEL_DIR)}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="raycv-model-") as directory:
+        names = json.loads(_download(client, run_id, f"{MODEL_DIR}/{CLASS_NAMES_FILE}", directory).read_text())
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DataFormatError(f"runs:/{run_id}/{MODEL_DIR}/{CLASS_NAMES_FILE}", "expected a JSON list of names")
+    return names
+
+
+def registered_name(task: str) -> str:
+    """The Model Registry name of ``task``'s models."""
+    return f"{EXPERIMENT_PREFIX}{task}"
+
+
+def register_model(client: MlflowClient, task: str, run_id: str, alias: str) -> str:
+    """Register run ``run_id``'s model folder (its tensor-only weights) as a new version of ``raycv-<task>`` and
+    point ``alias`` at it; returns the version."""
+    name = registered_name(task)
+    if STATE_DICT_FILE not in {Path(a.path).name for a in client.list_artifacts(run_id, MODEL_DIR)}:
+        raise ValueError(f"run {run_id} logged no model to register")
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, tags={"raycv.task": task})
-    models = client.search_logged_models(
-        experiment_ids=[client.get_run(run_id).info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}'",
-    )
-    if not models:
-        raise ValueError(f"run {run_id} logged no model to register")
-    # MLflow 3 registers a LoggedModel by its id; its models:/m-... URI is the version's source.
-    with _default_tracking_uri(client.tracking_uri):
-        version = client.create_model_version(name, source=models[0].model_uri, run_id=run_id,
-                                              model_id=models[0].model_id, tags={"raycv.task": task})
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags={"raycv.task": task})
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
+
+
+def alias_metric(client: MlflowClient, task: str, alias: str, metric: str) -> float | None:
+    """The last value of ``metric`` in the run behind ``models:/raycv-<task>@<alias>``; None when the alias (or
+    the metric) does not exist."""
+    try:
+        run_id = client.get_model_version_by_alias(registered_name(task), alias).run_id
+    except mlflow.exceptions.MlflowException:
+        return None
+    value = client.get_run(run_id).data.metrics.get(metric) if run_id else None
+    return None if value is None else float(value)

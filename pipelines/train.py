@@ -13,21 +13,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
 import ray
+import torch
 from mlflow.tracking import MlflowClient
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer
 
 from cvtasks import storage as storage_paths
+from cvtasks.errors import DataFormatError
 from cvtasks.tasks import get_task
-from pipelines import tracking
-from pipelines.data import build_split
-from pipelines.loop import train_loop_per_worker
+from cvtasks.tasks.base import Task
+from pipelines import failures, tracking
+from pipelines.config import ConfigError, check_values
+from pipelines.data import build_split, should_cache
+from pipelines.loop import lr_factor, make_optimizer, train_loop_per_worker
+from pipelines.weights import ResolvedWeights, check_weights, put_weights
 
 log = logging.getLogger(__name__)
 
 #: Checkpoints kept per run: the newest two, enough to resume after a failure while a new one is being written.
 CHECKPOINTS_KEPT = 2
+#: MLflow tag of a failed run: what went wrong, in one line.
+ERROR_TAG = "raycv.error"
 
 
 @dataclass
@@ -36,6 +53,7 @@ class TrainOutcome:
     experiment_id: str
     metrics: dict[str, Any]
     wall_seconds: float
+    registered_version: str | None = None  # the model's version of raycv-<task> (alias ``latest``), if registered
 
 
 def default_storage() -> str:
@@ -72,6 +90,21 @@ def worker_cpus(requested: float, workers: int, cluster_cpus: float, held_cpus: 
     return lowered
 
 
+class FailFastCallback(UserCallback):
+    """Ends a Ray Train run at a worker's :class:`~pipelines.failures.DeterministicError` instead of retrying it.
+
+    Ray Train 2.60 retries every worker error up to ``FailureConfig.max_failures`` and has no per-error policy, but
+    it does not retry an error raised by a controller callback (a ``ControllerError``): raising here ends the run
+    after its first attempt, and ``fit`` raises a ``ControllerError`` carrying this error.
+    """
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            if isinstance(error, failures.DeterministicError):
+                log.error("worker %d: %s (not retried: every attempt would fail the same way)", rank, error)
+                raise error
+
+
 @contextmanager
 def _sigint_handler_restored() -> Iterator[None]:
     """Put back the SIGINT handler that ``TorchTrainer.fit`` replaces on the main thread.
@@ -89,12 +122,60 @@ def _sigint_handler_restored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def check_config(cfg: dict) -> None:
+    """Refuse, on the driver, config values a worker would fail on: numeric ranges, optimizer, schedule, cache.
+
+    The names are checked by the functions the workers call with them, so the lists of valid names stay in one
+    place.
+    """
+    check_values(cfg)
+    try:
+        lr_factor(cfg["optim"]["schedule"], 0, 1)
+        should_cache(cfg["data"]["cache"], 0, 0.0)
+        make_optimizer([{"params": [torch.zeros(1, requires_grad=True)]}], cfg["optim"])
+    except ValueError as exc:  # torch's own checks (e.g. "Invalid momentum value") raise ValueError too
+        raise ConfigError(str(exc)) from None
+
+
+def check_data(task: Task, cfg: dict) -> None:
+    """Refuse, on the driver and without Ray, data a run cannot train on: a missing or unreadable root, an empty
+    split, a split whose labels the model's classes do not cover (class lists that differ between splits)."""
+    root = str(cfg["data"]["root"])
+    if not storage_paths.is_dir(root):
+        raise DataFormatError(root, "data root not found (set --data-root; `raycv data make-demo` writes the demo "
+                                    "datasets, `raycv data download NAME` the real ones)")
+    for split in ("train", "val"):
+        index = task.index(root, split, cfg)
+        if index.empty:
+            raise DataFormatError(root, f"split {split!r} of {task.name} has no samples")
+        _check_labels(task, cfg, split, index)
+
+
+def _check_labels(task: Task, cfg: dict, split: str, index: pd.DataFrame) -> None:
+    class_names = getattr(task, "class_names", None)
+    if class_names is None or "label" not in index.columns or not pd.api.types.is_integer_dtype(index["label"]):
+        return
+    names = class_names(cfg)
+    top = int(index["label"].max())
+    if top >= len(names):
+        raise DataFormatError(cfg["data"]["root"], f"split {split!r} has {top + 1} classes but the model is built "
+                                                   f"for {len(names)} ({', '.join(map(str, names))}): the splits' "
+                                                   "class lists differ")
+
+
+def preflight(cfg: dict, tracking_uri: str) -> None:
+    """Every check of a Ray Train run that needs no Ray: ``raycv train`` / ``tune`` run it before starting Ray."""
+    check_config(cfg)
+    check_data(get_task(cfg["task"]), with_absolute_data_root(cfg))
+    check_weights(cfg, tracking_uri)
+
+
 def scaling_config(cfg: dict, held_cpus: float = 0.0) -> ScalingConfig:
     scaling = cfg["scaling"]
     gpus = float(scaling["gpus_per_worker"])
     cpus = worker_cpus(float(scaling["cpus_per_worker"]), int(scaling["workers"]),
                        float(ray.cluster_resources().get("CPU", 0.0)), held_cpus)
-    resources: dict[str, float] = {"CPU": cpus}
+    resources: dict[str, float] = {"CPU": cpus, **{k: float(v) for k, v in scaling["worker_resources"].items()}}
     if gpus:
         resources["GPU"] = gpus
     return ScalingConfig(num_workers=int(scaling["workers"]), use_gpu=gpus > 0, resources_per_worker=resources)
@@ -112,9 +193,7 @@ def _open_run(
         name = f"{task}-{run_id[:12]}"
         tracking.set_tags(client, run_id, {"raycv.train_name": name, "raycv.storage": storage})
         return run_id, name
-    run_id = tracking.find_latest_run(client, task) if resume == "latest" else resume
-    if run_id is None:
-        raise ValueError(f"--resume: no earlier {task} training run in {client.tracking_uri}")
+    run_id = resume_run_id(client, task, resume)
     run = client.get_run(run_id)
     name = run.data.tags.get("raycv.train_name")
     if not name:
@@ -123,25 +202,63 @@ def _open_run(
     return run_id, name
 
 
+def resume_run_id(client: MlflowClient, task: str, resume: str) -> str:
+    """The run ``--resume`` continues: ``resume`` itself, or for "latest" the newest training run of ``task`` that
+    did not finish."""
+    if resume != "latest":
+        return resume
+    run_id = tracking.find_latest_run(client, task)
+    if run_id is not None:
+        return run_id
+    newest = tracking.find_latest_run(client, task, unfinished=False)
+    if newest is None:
+        raise ConfigError(f"--resume: no earlier {task} training run in {client.tracking_uri}")
+    status = client.get_run(newest).info.status
+    raise ConfigError(f"--resume: nothing to resume: the newest {task} run {newest} is {status} and no unfinished "
+                      f"one exists (train anew without --resume, or pass --resume RUN_ID to continue a run)")
+
+
 def _status_after(error: BaseException) -> str:
     """MLflow status of a run ``trainer.fit`` left with ``error``: Tune stops a trial (ASHA) by raising
     ``SystemExit(0)`` in it, which ends the run KILLED, not FAILED."""
     return "KILLED" if isinstance(error, SystemExit) and not error.code else "FAILED"
 
 
+def _raise_original_data_errors() -> None:
+    """Ray Data pipelines built from now on raise a task's own error (e.g. a DataFormatError naming the file).
+
+    By default Ray Data raises ``UserCodeException`` from it, and that chain is lost when the error is pickled on its
+    way to the Train worker: the worker could no longer tell a corrupt sample (not retried) from a crash.
+    """
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+
+
+def _record_failure(client: MlflowClient, run_id: str, error: BaseException) -> None:
+    """End the MLflow run FAILED (KILLED when Tune stopped it) with its error's one line as tag ``raycv.error``."""
+    status = _status_after(error)
+    if status == "FAILED":
+        tracking.set_tags(client, run_id, {ERROR_TAG: failures.one_line(error)})
+    client.set_terminated(run_id, status=status)
+
+
 def run_training(
     cfg: dict, tracking_uri: str, resume: str | None = None, storage: str | None = None, *,
     run_tags: dict[str, str] | None = None, parent_run_id: str | None = None, callbacks: list | None = None,
-    held_cpus: float = 0.0,
+    held_cpus: float = 0.0, weights: ResolvedWeights | None = None, register_alias: str | None = None,
 ) -> TrainOutcome:
     """Train ``cfg["task"]`` with Ray Train and track it in MLflow.
 
     ``resume``: a run id or "latest" to continue from its last checkpoint. ``parent_run_id`` nests the new run
     (sweeps); ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback`` inside a sweep trial);
-    ``held_cpus``: CPUs the processes driving this run hold besides its workers (a sweep's trial functions).
+    ``held_cpus``: CPUs the processes driving this run hold besides its workers (a sweep's trial functions);
+    ``weights``: ``model.weights`` already read by a sweep's driver (else read here); ``register_alias``: register
+    the finished run's model as a new version of ``raycv-<task>`` and point this alias at it.
     """
     started = time.perf_counter()
     task = get_task(cfg["task"])
+    check_config(cfg)
+    # Read and checked here, once: workers get it from the object store.
+    weights = weights or put_weights(cfg, tracking_uri)
     cfg = with_absolute_data_root(cfg)
     client = MlflowClient(tracking_uri)
     storage = storage or default_storage()
@@ -151,6 +268,7 @@ def run_training(
     experiment_id = client.get_run(run_id).info.experiment_id
     log.info("MLflow: %s", tracking.run_url(tracking_uri, experiment_id, run_id))
     try:
+        _raise_original_data_errors()
         train = build_split(task, cfg, "train", train=True)
         val = build_split(task, cfg, "val", train=False)
         data_stats = {"data_train_rows": train.rows, "data_val_rows": val.rows}
@@ -161,14 +279,14 @@ def run_training(
                                           for k, v in data_stats.items()])
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg, "tracking_uri": tracking_uri, "run_id": run_id},
+            train_loop_config={"cfg": cfg, "tracking_uri": tracking_uri, "run_id": run_id, "weights": weights},
             scaling_config=scaling_config(cfg, held_cpus),
             run_config=RunConfig(
                 name=name,
                 storage_path=storage,
                 failure_config=FailureConfig(max_failures=int(cfg["train"]["max_failures"])),
                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                callbacks=callbacks,
+                callbacks=[*(callbacks or []), FailFastCallback()],
             ),
             datasets={"train": train.dataset, "val": val.dataset},
             dataset_config=DataConfig(datasets_to_split="all"),
@@ -176,10 +294,31 @@ def run_training(
         with _sigint_handler_restored():
             result = trainer.fit()
     except BaseException as error:
-        client.set_terminated(run_id, status=_status_after(error))
+        _record_failure(client, run_id, error)
+        cause = failures.deterministic_cause(error)
+        if cause is not None and cause is not error:
+            raise failures.DeterministicError(failures.one_line(cause)) from error
+        if isinstance(error, TrainingFailedError):
+            raise failures.RunError(f"training failed after train.max_failures={cfg['train']['max_failures']} "
+                                    f"retries: {failures.one_line(error)}") from error
         raise
     wall = time.perf_counter() - started
     client.log_metric(run_id, "wall_seconds", wall)
     client.set_terminated(run_id, status="FINISHED")
     return TrainOutcome(run_id=run_id, experiment_id=experiment_id, metrics=dict(result.metrics or {}),
-                        wall_seconds=wall)
+                        wall_seconds=wall, registered_version=_register(client, cfg["task"], run_id, register_alias))
+
+
+def _register(client: MlflowClient, task: str, run_id: str, alias: str | None) -> str | None:
+    """Register the finished run's model under ``alias``; a registry that refuses (a file store has none) is
+    logged, not raised: the run and its model are complete either way."""
+    if alias is None:
+        return None
+    try:
+        version = tracking.register_model(client, task, run_id, alias)
+    except mlflow.exceptions.MlflowException as exc:
+        log.warning("the model of run %s was not registered as %s@%s: %s", run_id, tracking.registered_name(task),
+                    alias, exc.message)
+        return None
+    log.info("registered as %s version %s (alias %s)", tracking.registered_name(task), version, alias)
+    return version

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib
@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 
 from cvtasks import storage as storage_paths  # noqa: E402
 from cvtasks.tasks import get_task  # noqa: E402
-from pipelines import tracking  # noqa: E402
+from pipelines import failures, tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
 from pipelines.train import (  # noqa: E402
     cpus_for_training,
@@ -40,6 +40,7 @@ from pipelines.train import (  # noqa: E402
     with_absolute_data_root,
     worker_cpus,
 )
+from pipelines.weights import ResolvedWeights, put_weights  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ DISTRIBUTIONS = {
     "grid": tune.grid_search,
     "randint": tune.randint,
 }
-REGISTRY_ALIAS = "best"
+#: Parent-run tag listing the trials that failed: "<trial id>: <error>" lines.
+FAILED_TRIALS_TAG = "raycv.failed_trials"
+TAG_MAX_CHARS = 8000  # MLflow's limit on a tag value
 #: Config ``runner`` values other than Ray Train's "train" -> "module:function" returning their SweepPlan.
 RUNNERS = {"style": "pipelines.style:sweep_plan"}
 
@@ -90,11 +93,11 @@ def trial_config(base: dict, sampled: dict[str, Any]) -> dict:
     return cfg
 
 
-def sweep_trial(config: dict[str, Any]) -> None:
+def sweep_trial(config: dict[str, Any], weights: ResolvedWeights | None = None) -> None:
     """Tune trainable: one sampled config -> one TorchTrainer run, logged as a child MLflow run.
 
     A restored sweep calls this again for unfinished trials: the child run is found by trial id and resumed from
-    its Ray Train checkpoint rather than started over.
+    its Ray Train checkpoint rather than started over. ``weights``: ``model.weights`` as the sweep's driver read it.
     """
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -105,8 +108,16 @@ def sweep_trial(config: dict[str, Any]) -> None:
     run_training(
         cfg, config["tracking_uri"], resume=existing, storage=config["storage"],
         run_tags=tags, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()],
-        held_cpus=config["held_cpus"],
+        held_cpus=config["held_cpus"], weights=weights,
     )
+
+
+def shared_weights(cfg: dict, tracking_uri: str) -> dict[str, Any]:
+    """``model.weights`` read once on the sweep's driver for every trial: a trial may run on a node without the
+    weights file or torch hub cache (unless the search space varies the weights, then each trial reads its own)."""
+    if "model.weights" in (cfg.get("search") or {}):
+        return {}
+    return {"weights": put_weights(cfg, tracking_uri)}
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,8 @@ class SweepPlan:
     summarize: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
     #: the ``scaling`` config of the Train workers each trial starts outside ``resources`` (Tune does not see them)
     train_scaling: dict[str, Any] | None = None
+    #: (config, tracking URI) -> keyword arguments resolved once on the driver for every trial (tune.with_parameters)
+    shared: Callable[[dict, str], dict[str, Any]] | None = None
 
 
 def sweep_plan(cfg: dict) -> SweepPlan:
@@ -137,7 +150,7 @@ def sweep_plan(cfg: dict) -> SweepPlan:
         return getattr(importlib.import_module(module), function)(cfg)
     return SweepPlan(trainable=sweep_trial, resources={"CPU": TRIAL_DRIVER_CPUS}, metric=get_task(cfg["task"]).metric,
                      mode="max", max_t=int(cfg["train"]["epochs"]) + 1, register_model=True,
-                     train_scaling=cfg["scaling"])
+                     train_scaling=cfg["scaling"], shared=shared_weights)
 
 
 def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cluster_cpus: float,
@@ -172,6 +185,7 @@ class SweepOutcome:
     trials: list[dict[str, Any]]
     wall_seconds: float
     metric: str = ""
+    failed: dict[str, str] = field(default_factory=dict)  # trial id -> its error, one line
 
 
 def run_sweep(
@@ -200,7 +214,10 @@ def run_sweep(
         client.log_dict(parent_run_id, cfg["search"], "search_space.yaml")
     log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg["task"], parent_run_id, experiment_path)
 
-    trainable = tune.with_resources(plan.trainable, plan.resources)
+    trainable = plan.trainable
+    if plan.shared is not None:
+        trainable = tune.with_parameters(trainable, **plan.shared(cfg, tracking_uri))
+    trainable = tune.with_resources(trainable, plan.resources)
     driver_cpus = plan.resources.get("CPU", 0.0)
     max_concurrent = fitting_concurrency(max_concurrent, plan.train_scaling,
                                          float(ray.cluster_resources().get("CPU", 0.0)), driver_cpus)
@@ -233,9 +250,19 @@ def run_sweep(
         client.set_terminated(parent_run_id, status="FAILED")
         raise
     outcome = _summarize_sweep(client, plan, parent_run_id, experiment_path, results, space)
+    return _finish_sweep(client, outcome, started)
+
+
+def _finish_sweep(client: MlflowClient, outcome: SweepOutcome, started: float) -> SweepOutcome:
+    """End the parent run: FINISHED, or FAILED with a one-line error when every trial failed."""
     outcome.wall_seconds = time.perf_counter() - started
-    client.log_metric(parent_run_id, "wall_seconds", outcome.wall_seconds)
-    client.set_terminated(parent_run_id, status="FINISHED")
+    client.log_metric(outcome.parent_run_id, "wall_seconds", outcome.wall_seconds)
+    if outcome.trials and len(outcome.failed) == len(outcome.trials):
+        client.set_terminated(outcome.parent_run_id, status="FAILED")
+        trial_id, error = next(iter(outcome.failed.items()))
+        raise failures.RunError(f"every trial of the sweep failed ({len(outcome.failed)}); the first, {trial_id}: "
+                                f"{error}")
+    client.set_terminated(outcome.parent_run_id, status="FINISHED")
     return outcome
 
 
@@ -251,12 +278,18 @@ def _summarize_sweep(client: MlflowClient, plan: SweepPlan, parent_run_id: str, 
         child = tracking.find_child_run(client, parent_run_id, trial_id) if trial_id else None
         value = reported.get(metric, math.nan)
         epochs_done = reported.get("training_iteration", 0)
-        trials.append({**sampled, metric: value, "epochs": epochs_done, "error": bool(result.error),
+        trials.append({**sampled, metric: value, "epochs": epochs_done,
+                       "error": failures.one_line(result.error) if result.error else "",
                        "run_id": child, "trial": trial_id})
     finite = [t for t in trials if isinstance(t[metric], float) and not math.isnan(t[metric])]
     best = (max if plan.mode == "max" else min)(finite, key=lambda t: t[metric]) if finite else None
     _close_child_runs(client, parent_run_id, trials)
     client.log_text(parent_run_id, _csv(trials), "trials.csv")
+    failed = {t["trial"]: t["error"] for t in trials if t["error"]}
+    if failed:
+        log.warning("%d of %d trials failed: %s", len(failed), len(trials),
+                    "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        tracking.set_tags(client, parent_run_id, {FAILED_TRIALS_TAG: _failed_lines(failed)})
     if best is not None:
         best_config = {k: best[k] for k in space}
         client.log_dict(parent_run_id, best_config, "best_config.yaml")
@@ -269,13 +302,31 @@ def _summarize_sweep(client: MlflowClient, plan: SweepPlan, parent_run_id: str, 
     version = None
     if best is not None and best["run_id"] and plan.register_model:
         task = client.get_run(parent_run_id).data.tags["raycv.task"]
-        version = tracking.register_best_model(client, task, best["run_id"], REGISTRY_ALIAS)
+        version = _register_if_better(client, task, best["run_id"], metric, best[metric], plan.mode)
     return SweepOutcome(
         parent_run_id=parent_run_id, experiment_path=experiment_path,
         best_config={k: best[k] for k in space} if best else {}, best_metric=best[metric] if best else math.nan,
         best_run_id=best["run_id"] if best else None, registered_version=version, trials=trials, wall_seconds=0.0,
-        metric=metric,
+        metric=metric, failed=failed,
     )
+
+
+def _register_if_better(client: MlflowClient, task: str, run_id: str, metric: str, value: float,
+                        mode: str) -> str | None:
+    """Register the sweep winner and move alias ``best`` to it, unless the model ``best`` names now scored as well
+    or better on ``metric``; returns the new version or None."""
+    current = tracking.alias_metric(client, task, tracking.BEST_ALIAS, metric)
+    if current is not None and not (value > current if mode == "max" else value < current):
+        log.info("%s@%s keeps its model: %s %.4g, this sweep's best %.4g", tracking.registered_name(task),
+                 tracking.BEST_ALIAS, metric, current, value)
+        return None
+    return tracking.register_model(client, task, run_id, tracking.BEST_ALIAS)
+
+
+def _failed_lines(failed: dict[str, str]) -> str:
+    """``FAILED_TRIALS_TAG``'s value, within MLflow's tag length limit."""
+    text = "\n".join(f"{trial_id}: {error}" for trial_id, error in failed.items())
+    return text[:TAG_MAX_CHARS]
 
 
 def _close_child_runs(client: MlflowClient, parent_run_id: str, trials: list[dict[str, Any]]) -> None:

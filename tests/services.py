@@ -1,12 +1,15 @@
-"""Real services for the tests: a local Ray cluster with token authentication and an MLflow tracking server.
+"""Real services for the tests, all on 127.0.0.1: a two-node Ray cluster with token authentication, an
+S3-compatible object store (moto's server) and an MLflow tracking server whose artifacts live in that store.
 
-Both are started as the user would start them (``ray start --head``, ``mlflow server``) and stopped completely
-(``ray stop``; the MLflow server's whole process group, since it forks helper processes).
+Each is started as a user would start it (``ray start --head`` and ``ray start --address``, ``moto_server``,
+``mlflow server --artifacts-destination s3://...``), each in its own session (process group), and stopped by
+killing exactly the processes of that session, never another Ray or server on the machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -21,15 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-#: Logical CPUs the test cluster advertises: Ray Train workers and Ray Data tasks must fit side by side on a
-#: 2-core machine (the cores are shared, only the scheduler's bookkeeping is raised).
-TEST_CLUSTER_CPUS = 4
+#: Logical CPUs each of the test cluster's two nodes advertises: Ray Train workers and Ray Data tasks must fit side
+#: by side on a 2-core machine (the cores are shared, only the scheduler's bookkeeping is raised).
+NODE_CPUS = 2
+#: A custom resource every node has one of: workers that each ask for one land on distinct nodes.
+NODE_SLOT = "raycv_node_slot"
+S3_BUCKET = "raycv-test"
+
+
+#: Ports below this may fall in Ray's default worker port range (10002-19999), which a GCS port must not use.
+LOWEST_PORT = 20000
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= LOWEST_PORT:
+            return port
 
 
 def wait_for(check, what: str, timeout: float = 60.0) -> None:
@@ -48,8 +61,10 @@ def wait_for(check, what: str, timeout: float = 60.0) -> None:
 class RayCluster:
     gcs_address: str
     dashboard_url: str
-    env: dict[str, str]  # what a client needs: token auth mode and token path
-    temp_dir: Path  # the cluster's own Ray temp dir: every one of its processes names it on its command line
+    env: dict[str, str]  # what every node and client needs: token auth, the S3 endpoint and credentials
+    temp_dir: Path  # parent of each node's own Ray temp dir (separate, as on separate machines)
+    head_session: int  # session id of the head node's processes
+    worker_sessions: list[int]  # session ids of the other nodes' processes, one per node, oldest first
 
 
 def enable_token_auth(workdir: Path) -> dict[str, str]:
@@ -64,54 +79,129 @@ def enable_token_auth(workdir: Path) -> dict[str, str]:
     return env
 
 
+def _ray_start(args: list[str], env: dict[str, str], gcs_address: str) -> int:
+    """Run ``ray start ARGS`` as the leader of a new session; returns that session's id.
+
+    Ray's daemons (GCS, raylet, agents, and the worker processes a raylet forks) inherit the session, so a node is
+    stopped, or lost on purpose, by killing exactly that session's processes.
+    """
+    process = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}",
+         f"--resources={json.dumps({NODE_SLOT: 1})}", "--disable-usage-stats", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        # RAY_ADDRESS: Ray's own helper processes that call ray.init() find this cluster even where other Ray
+        # instances run on the same machine.
+        env={**os.environ, **env, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": gcs_address},
+    )
+    output, _ = process.communicate(timeout=180)
+    if process.returncode != 0:
+        raise RuntimeError(f"ray start {' '.join(args)} failed:\n{output[-3000:]}")
+    return process.pid
+
+
 def start_ray_cluster(env: dict[str, str]) -> RayCluster:
-    """``ray start --head`` with the token auth ``env``; jobs it runs find this virtualenv's ``raycv`` on PATH."""
+    """A head and one more node joined with ``ray start --address``, each with ``NODE_CPUS`` CPUs and one
+    ``NODE_SLOT``; ``env`` (token auth, S3) is the environment of every node, so jobs and workers inherit it and
+    find this virtualenv's ``raycv`` on PATH."""
     # Short: Ray's unix sockets live under it and socket paths are limited to ~107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="raycv-ray-"))
     port, dash = free_port(), free_port()
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--num-cpus={TEST_CLUSTER_CPUS}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        check=True, capture_output=True,
-        # RAY_ADDRESS: Ray's own helper processes that call ray.init() find this cluster even where other Ray
-        # instances run on the same machine.
-        env={**os.environ, **env, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": f"127.0.0.1:{port}"},
-    )
-    return RayCluster(gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dash}", env=env,
-                      temp_dir=temp_dir)
+    gcs = f"127.0.0.1:{port}"
+    head = _ray_start(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                       f"--temp-dir={temp_dir / 'head'}"], env, gcs)
+    cluster = RayCluster(gcs_address=gcs, dashboard_url=f"http://127.0.0.1:{dash}", env=env, temp_dir=temp_dir,
+                         head_session=head, worker_sessions=[])
+    add_ray_node(cluster)
+    return cluster
 
 
-def _cluster_processes(cluster: RayCluster) -> list:
-    """This cluster's processes: those naming its temp dir or GCS address, and all their descendants."""
+def add_ray_node(cluster: RayCluster) -> int:
+    """Join one more node to ``cluster`` (``ray start --address``); returns its session id.
+
+    Each node has a temp dir of its own, as on its own machine: nodes sharing one would share the runtime-env
+    agents' package folders, where one node's agent deletes what a job on another node runs in.
+    """
+    temp_dir = cluster.temp_dir / f"node{len(cluster.worker_sessions) + 1}"
+    session = _ray_start([f"--address={cluster.gcs_address}", f"--temp-dir={temp_dir}"], cluster.env,
+                         cluster.gcs_address)
+    cluster.worker_sessions.append(session)
+    return session
+
+
+def _session_processes(session: int) -> list:
     import psutil
 
-    port = cluster.gcs_address.rsplit(":", 1)[1]
-    roots = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(cluster.temp_dir) in cmdline or "--address=" in cmdline and f":{port} " in f"{cmdline} ":
-            roots.append(proc)
-    found = {p.pid: p for p in roots}
-    for proc in roots:
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(proc.pid) == session:
+                found.append(proc)
+    return found
+
+
+def kill_session(session: int, sig: int = signal.SIGKILL) -> int:
+    """Signal every process of ``session`` (one Ray node, or a server); returns how many there were."""
+    import psutil
+
+    procs = _session_processes(session)
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
-            found.update({child.pid: child for child in proc.children(recursive=True)})
-    return list(found.values())
+            proc.send_signal(sig)
+    if sig != signal.SIGKILL:
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    return len(procs)
 
 
 def stop_ray_cluster(cluster: RayCluster) -> None:
-    """Stop this cluster's processes only (``ray stop`` would also stop any other Ray on the machine)."""
-    import psutil
-
-    procs = _cluster_processes(cluster)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    """Stop this cluster's nodes only (``ray stop`` would also stop any other Ray on the machine)."""
+    for session in [*cluster.worker_sessions, cluster.head_session]:
+        kill_session(session, signal.SIGTERM)
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    process: subprocess.Popen
+    env: dict[str, str]  # what every client needs: endpoint and (dummy) credentials
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+
+def start_s3_server(workdir: Path) -> S3Server:
+    """moto's S3-compatible server on 127.0.0.1 with one bucket; clients reach it through ``AWS_ENDPOINT_URL``
+    (boto3 and pyarrow's S3 filesystem both honour it) with dummy credentials."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "s3-server.log", "w")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "raycv-test",
+           "AWS_SECRET_ACCESS_KEY": "raycv-test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto_server exited; see {workdir / 's3-server.log'}")
+        with urllib.request.urlopen(endpoint, timeout=2) as response:
+            return response.status == 200
+
+    wait_for(healthy, f"S3 server on {endpoint}")
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="raycv-test", aws_secret_access_key="raycv-test",
+                 region_name="us-east-1").create_bucket(Bucket=S3_BUCKET)
+    return S3Server(endpoint=endpoint, bucket=S3_BUCKET, process=process, env=env)
+
+
+def stop_s3_server(server: S3Server) -> None:
+    kill_session(server.process.pid, signal.SIGTERM)
 
 
 @dataclass
@@ -120,15 +210,16 @@ class MlflowServer:
     process: subprocess.Popen
 
 
-def start_mlflow_server(workdir: Path) -> MlflowServer:
+def start_mlflow_server(workdir: Path, artifacts: str, env: dict[str, str]) -> MlflowServer:
+    """``mlflow server`` proxying artifacts to ``artifacts`` (an ``s3://`` URI), with the store's ``env``."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = open(workdir / "mlflow-server.log", "w")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-         "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+         "--artifacts-destination", artifacts, "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env},
     )
     url = f"http://127.0.0.1:{port}"
 
@@ -143,8 +234,4 @@ def start_mlflow_server(workdir: Path) -> MlflowServer:
 
 
 def stop_mlflow_server(server: MlflowServer) -> None:
-    try:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(server.process.pid, signal.SIGKILL)
+    kill_session(server.process.pid, signal.SIGTERM)

@@ -82,13 +82,12 @@ def assert_backbone_equal(model, state_dict):
             assert torch.equal(value, state_dict[key]), key
 
 
-def test_weights_from_state_dict_file_module_file_and_checkpoint(tmp_path):
+def test_weights_from_state_dict_file_and_checkpoint(tmp_path):
     source = resnet18(num_classes=10)
     sd = source.state_dict()
     torch.save(sd, tmp_path / "sd.pt")
-    torch.save(source, tmp_path / "module.pt")
     torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ckpt.pt")
-    for name in ("sd.pt", "module.pt", "ckpt.pt"):
+    for name in ("sd.pt", "ckpt.pt"):
         model = finetune_resnet18(num_classes=3, weights=str(tmp_path / name))
         assert_backbone_equal(model, sd)
         assert model.fc.out_features == 3 and model.weights_description == f"file: {tmp_path / name}"

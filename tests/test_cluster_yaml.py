@@ -21,3 +21,10 @@ def test_cluster_yaml_passes_ray_schema_and_has_what_raycv_needs():
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
     assert config["file_mounts"]["/home/ubuntu/raycv"] == "."
+
+
+def test_head_serves_the_dashboard_and_job_api_on_loopback_only():
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in CLUSTER_YAML.read_text()

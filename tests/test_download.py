@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cvtasks import storage
 from cvtasks.demo import cifar as cifar_demo
 from cvtasks.demo import hotdog as hotdog_demo
 from cvtasks.demo import voc as voc_demo
@@ -277,3 +278,22 @@ def test_the_real_table_holds_the_published_checksums():
     assert dl.SOURCES["voc2012"].digest == "4e443f8a2eca6b1dac8a6c57641b67dd40621a49"
     assert dl.SOURCES["voc2012"].url == dl.DATA_URL + "VOCtrainval_11-May-2012.tar"
     assert all(len(s.digest) == hashlib.new(s.algorithm).digest_size * 2 for s in dl.SOURCES.values())
+
+
+# --- storage URIs -------------------------------------------------------------------------------------------------
+
+def test_cli_downloads_to_s3_through_the_local_cache(server, monkeypatch, tmp_path, hotdog_zip, s3_server, capsys):
+    """``raycv data download NAME --root s3://...``: fetched and unpacked in the local cache, uploaded marker last;
+    the reader then reads it from S3, and a second call finds the marker and does nothing."""
+    serve(server, monkeypatch, "hotdog", "hotdog.zip", hotdog_zip, "hotdog")
+    monkeypatch.setenv(dl.MIRROR_ENV, server.url)
+    monkeypatch.setenv("RAYCV_CACHE", str(tmp_path / "cache"))
+    root = s3_server.uri("downloaded")
+    assert cli.main(["data", "download", "hotdog", "--root", root]) == 0
+    assert f"hotdog: ready at {root}/hotdog" in capsys.readouterr().out
+    assert storage.exists(f"{root}/hotdog/{dl.MARKER}")
+    assert len(imagefolder.index(root, "hotdog", "train")) == len(imagefolder.index(str(tmp_path / "cache" / "hotdog"),
+                                                                                     "hotdog", "train")) > 0
+    requests = len(server.requests)
+    assert cli.main(["data", "download", "hotdog", "--root", root]) == 0
+    assert len(server.requests) == requests

@@ -100,15 +100,13 @@ def test_imagenet_loads_from_the_hub_cache(empty_hub):
     assert "IMAGENET1K_V1" in model.weights_description
 
 
-def test_backbone_from_a_state_dict_file_and_from_a_pickled_module(tmp_path):
+def test_backbone_from_a_state_dict_file(tmp_path):
     source = resnet18(weights=None)
     torch.save(source.state_dict(), tmp_path / "sd.pt")
-    torch.save(source, tmp_path / "module.pt")
-    for name in ("sd.pt", "module.pt"):
-        model = build_fcn(21, str(tmp_path / name))
-        torch.testing.assert_close(model.backbone.conv1.weight, source.conv1.weight)
-        torch.testing.assert_close(model.backbone.layer2[0].bn1.running_mean, source.layer2[0].bn1.running_mean)
-        assert model.weights_description.endswith("(backbone)")
+    model = build_fcn(21, str(tmp_path / "sd.pt"))
+    torch.testing.assert_close(model.backbone.conv1.weight, source.conv1.weight)
+    torch.testing.assert_close(model.backbone.layer2[0].bn1.running_mean, source.layer2[0].bn1.running_mean)
+    assert model.weights_description.endswith("(backbone)")
 
 
 def test_whole_fcn_state_dict_loads_in_full(tmp_path):

@@ -39,9 +39,27 @@ def test_classes_and_samples_match_torchvision_image_folder(tree):
     assert index["label"].dtype == np.int64
 
 
-def test_val_split_reads_the_test_folder(tree):
+def test_val_split_reads_the_test_folder_with_the_train_splits_labels(tree):
+    test = tree / "data" / "test"
+    for name in ("Apple", "zebra"):
+        save_image(test / name / "z.png")
     index = imagefolder.index(str(tree), "data", "val")
-    assert index["path"].tolist() == [str(tree / "data" / "test" / "mango" / "y.png")]
+    assert index["path"].tolist() == [str(test / "Apple" / "z.png"), str(test / "mango" / "y.png"),
+                                      str(test / "zebra" / "z.png")]
+    assert index["label"].tolist() == [0, 1, 2]
+
+
+def test_val_split_with_a_missing_or_extra_class_names_the_folder(tree):
+    test = tree / "data" / "test"
+    save_image(test / "zebra" / "z.png")  # Apple missing: numbered on its own, mango would become 0
+    with pytest.raises(DataFormatError, match=r"\['Apple'\] of the train split .* missing") as err:
+        imagefolder.index(str(tree), "data", "val")
+    assert err.value.path == str(test)
+    save_image(test / "Apple" / "z.png")
+    save_image(test / "kiwi" / "z.png")
+    with pytest.raises(DataFormatError, match="class folder not in the train split") as err:
+        imagefolder.index(str(tree), "data", "val")
+    assert err.value.path == str(test / "kiwi")
 
 
 def test_missing_split_and_empty_class_folder_are_named(tree):

@@ -23,21 +23,41 @@ def test_replay_logs_only_missing_epochs_and_reports_all_the_run_has(tmp_path):
 
 def test_best_model_registers_in_the_clients_store_whatever_the_default_store(tmp_path, monkeypatch):
     import mlflow
-    import mlflow.pytorch
     import torch
 
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     client = MlflowClient(uri)
     run_id = tracking.create_run(client, "cifar10", {"task": "cifar10"})
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(torch.nn.Linear(2, 1), name="model", serialization_format="pickle")
+    tracking.log_model_state(client, run_id, torch.nn.Linear(2, 1).state_dict(), None)
     elsewhere = f"sqlite:///{tmp_path / 'other.db'}"  # e.g. ./mlflow.db while --tracking-uri names another store
     mlflow.set_tracking_uri(elsewhere)
     try:
-        version = tracking.register_best_model(client, "cifar10", run_id, "best")
+        version = tracking.register_model(client, "cifar10", run_id, "best")
         assert mlflow.get_tracking_uri() == elsewhere
     finally:
         mlflow.set_tracking_uri(None)
     assert str(client.get_model_version_by_alias("raycv-cifar10", "best").version) == version
     assert client.get_model_version("raycv-cifar10", version).run_id == run_id
+
+
+def test_sweep_moves_best_only_to_a_better_model(tmp_path):
+    import torch
+
+    from pipelines.tune import _register_if_better
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}")
+    runs = {}
+    for name, accuracy in (("first", 0.6), ("worse", 0.5), ("better", 0.7)):
+        runs[name] = tracking.create_run(client, "cifar10", {"task": "cifar10"})
+        client.log_metric(runs[name], "val_acc", accuracy)
+        tracking.log_model_state(client, runs[name], torch.nn.Linear(2, 1).state_dict(), None)
+    assert tracking.alias_metric(client, "cifar10", tracking.BEST_ALIAS, "val_acc") is None
+
+    assert _register_if_better(client, "cifar10", runs["first"], "val_acc", 0.6, "max") == "1"
+    assert _register_if_better(client, "cifar10", runs["worse"], "val_acc", 0.5, "max") is None
+    assert client.get_model_version_by_alias("raycv-cifar10", "best").run_id == runs["first"]
+    assert tracking.alias_metric(client, "cifar10", tracking.BEST_ALIAS, "val_acc") == 0.6
+    assert _register_if_better(client, "cifar10", runs["better"], "val_acc", 0.7, "max") == "2"
+    assert client.get_model_version_by_alias("raycv-cifar10", "best").run_id == runs["better"]
+    # a lower-is-better metric: the lower value wins
+    assert _register_if_better(client, "cifar10", runs["worse"], "val_acc", 0.5, "min") == "3"

@@ -7,13 +7,14 @@ back over HTTP and predicts.
 
 from __future__ import annotations
 
-import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
+from pipelines.loop import ATTEMPTS_TAG
+from pipelines.predict import load_logged_model
 from pipelines.train import run_training
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,7 @@ def test_failure_recovery_keeps_one_run_with_each_epoch_once(cifar_run):
     outcome, client = cifar_run
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
+    assert run.data.tags[ATTEMPTS_TAG] == "2"  # the injected failure happened and the worker group restarted once
     for key in ("train_loss", "train_acc", "val_acc", "val_loss", "examples_per_sec"):
         assert _steps(client, outcome.run_id, key) == list(range(CIFAR_EPOCHS)), key
     experiment_runs = client.search_runs([outcome.experiment_id], "tags.`raycv.kind` = 'train'")
@@ -80,10 +82,10 @@ def test_run_records_config_params_and_pictures(cifar_run):
 
 
 def test_logged_model_loads_over_http_and_predicts(cifar_run, mlflow_server):
-    outcome, _ = cifar_run
-    mlflow.set_tracking_uri(mlflow_server.url)
-    model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model", map_location="cpu")
-    model.eval()
+    """The model is logged as tensors only (``model/state_dict.pt`` + class names) and rebuilt from the run's config."""
+    outcome, client = cifar_run
+    assert {"model/state_dict.pt", "model/class_names.json"} <= _artifacts(client, outcome.run_id, "model")
+    model, _ = load_logged_model("cifar10", f"runs:/{outcome.run_id}/model", mlflow_server.url)
     with torch.no_grad():
         scores = model(torch.from_numpy(np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)))
     assert scores.shape == (4, 10)

@@ -57,13 +57,17 @@ def index(root: str, split: str, num_classes: int, skip_bad: bool = False) -> pd
     Columns: ``path`` (str), ``boxes`` (float32 (K, 5) rows class, xmin, ymin, xmax, ymax in pixels), ``rows``
     (int64 (K,) their lines in the label file), ``label_file`` (str) and ``problem`` (str, empty when the rows are
     fine). A bad row raises :class:`DataFormatError` naming the label file and line, unless ``skip_bad``: then the
-    image's ``problem`` holds the message (its first bad row) and the image is to be skipped.
+    image's ``problem`` holds the message (its first bad row) and the image is to be skipped. A label file without
+    rows is an error either way.
     """
     labels = label_file(root, split)
     images_dir = storage.join(split_dir(root, split), IMAGES_DIR)
     present = set(storage.list_dir(images_dir))
+    rows_read = _read_rows(labels)
+    if not rows_read:
+        raise DataFormatError(labels, "label file has a header but no rows")
     grouped: dict[str, tuple[list[list[float]], list[int], list[str]]] = {}
-    for line, fields in _read_rows(labels):
+    for line, fields in rows_read:
         name = fields[0] if fields else ""
         boxes, rows, problems = grouped.setdefault(name, ([], [], []))
         try:

@@ -93,7 +93,30 @@ def read_label_names(root: str) -> list[str]:
     names = _load_dict(path).get(b"label_names")
     if not isinstance(names, list) or not names or not all(isinstance(n, bytes) for n in names):
         raise DataFormatError(path, "b'label_names' must be a non-empty list of bytes")
-    return [n.decode("utf-8") for n in names]
+    try:
+        decoded = [n.decode("utf-8") for n in names]
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(path, f"b'label_names' holds a name that is not UTF-8 ({exc})") from exc
+    if len(set(decoded)) != len(decoded):
+        raise DataFormatError(path, f"b'label_names' repeats a name: {decoded}")
+    return decoded
+
+
+def _labels(value: object, path: str, num_classes: int) -> np.ndarray:
+    """``b'labels'`` (a list of ints, or an integer array) as int64 (N,), each in [0, ``num_classes``).
+
+    Checked value by value before any conversion: numpy would truncate 1.7 to 1, turn True into 1 and overflow on
+    ints beyond 64 bits.
+    """
+    items = value.tolist() if isinstance(value, np.ndarray) else value
+    if not isinstance(items, (list, tuple)):
+        raise DataFormatError(path, f"b'labels' must be a list of ints, got {type(value).__name__}")
+    for row, label in enumerate(items):
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise DataFormatError(path, f"label {label!r} is a {type(label).__name__}, not an int", row=row)
+        if not 0 <= label < num_classes:
+            raise DataFormatError(path, f"label {label} outside [0, {num_classes})", row=row)
+    return np.asarray(items, dtype=np.int64)
 
 
 def read_batch(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,18 +127,11 @@ def read_batch(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
             raise DataFormatError(path, f"missing key {key!r}")
     data, labels = batch[b"data"], batch[b"labels"]
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == ROW_BYTES):
-        shape = getattr(data, "shape", None)
-        raise DataFormatError(path, f"b'data' must be uint8 of shape (N, {ROW_BYTES}), got {type(data).__name__} "
-                                    f"{getattr(data, 'dtype', '')} {shape}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise DataFormatError(path, f"b'labels' must be a list of ints ({exc})") from exc
+        got = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataFormatError(path, f"b'data' must be a uint8 array of shape (N, {ROW_BYTES}), got {got}")
+    labels = _labels(labels, path, num_classes)
     if labels.shape != (len(data),):
         raise DataFormatError(path, f"{len(data)} images but b'labels' has shape {labels.shape}")
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        raise DataFormatError(path, f"label {labels[bad[0]]} outside [0, {num_classes})", row=int(bad[0]))
     return data, labels
 
 

@@ -9,6 +9,10 @@ Layout under a dataset root (local path or URI)::
 same layout. As in torchvision, every sub-folder of a split is a class, classes are numbered in sorted name order,
 and samples are listed class by class in sorted file-name order. Only files directly inside a class folder count,
 and extensions match case-insensitively.
+
+Unlike torchvision, where each split numbers the classes of its own folders (a ``test/`` without one class shifts
+every later label by one), the train split's classes define the labels: a validation split with a class missing or
+an extra one raises :class:`DataFormatError` naming the folder.
 """
 
 from __future__ import annotations
@@ -51,11 +55,28 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def check_same_classes(folder: str, classes: list[str], train_folder: str, train_classes: list[str]) -> None:
+    """Raise :class:`DataFormatError` unless split folder ``folder`` has exactly the train split's classes."""
+    extra = sorted(set(classes) - set(train_classes))
+    if extra:
+        raise DataFormatError(storage.join(folder, extra[0]),
+                              f"class folder not in the train split {train_folder} (its classes: {train_classes})")
+    missing = sorted(set(train_classes) - set(classes))
+    if missing:
+        raise DataFormatError(folder, f"class folder(s) {missing} of the train split {train_folder} missing: "
+                                      "labels are numbered from the train split's classes")
+
+
 def index(root: str, dataset: str, split: str) -> pd.DataFrame:
-    """One row per image of ``split``: ``path`` (str) and ``label`` (int64, the index of its class folder)."""
+    """One row per image of ``split``: ``path`` (str) and ``label`` (int64, the index of its class folder in the
+    train split, whose classes every split must have)."""
     folder = split_dir(root, dataset, split)
+    classes = find_classes(folder)
+    if split != "train":
+        train_folder = split_dir(root, dataset, "train")
+        check_same_classes(folder, classes, train_folder, find_classes(train_folder))
     paths, labels = [], []
-    for label, name in enumerate(find_classes(folder)):
+    for label, name in enumerate(classes):
         class_dir = storage.join(folder, name)
         files = [f for f in storage.list_dir(class_dir) if is_image_file(f)]
         if not files:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cvtasks import storage
 from cvtasks.errors import DataFormatError
-from cvtasks.images import decode_rgb
+from cvtasks.images import decode_image, decode_rgb
 from cvtasks.segmentation import overlay
 
 DEVKIT_DIR = "VOCdevkit"
@@ -103,20 +103,24 @@ def index(root: str, split: str) -> pd.DataFrame:
 
 
 def _read_split(listing: str) -> list[tuple[int, str]]:
-    """(1-based row, id) for each non-empty line of a split file."""
+    """(1-based row, id) for each non-empty line of a split file; an id listed twice is an error (it would weigh
+    its sample twice)."""
     try:
         text = storage.read_bytes(listing).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataFormatError(listing, f"split file is not UTF-8 text ({exc})") from exc
-    names = []
+    first_rows: dict[str, int] = {}
     for row, line in enumerate(text.splitlines(), start=1):
         name = line.strip()
         if not name:
             continue
         if "/" in name or " " in name:
             raise DataFormatError(listing, f"expected one image id per line, got {line!r}", row=row)
-        names.append((row, name))
-    return names
+        if name in first_rows:
+            raise DataFormatError(listing, f"image id {name!r} listed again (first on row {first_rows[name]})",
+                                  row=row)
+        first_rows[name] = row
+    return [(row, name) for name, row in first_rows.items()]
 
 
 def decode_mask(data: bytes, path: object) -> np.ndarray:
@@ -124,20 +128,15 @@ def decode_mask(data: bytes, path: object) -> np.ndarray:
 
     Palette ("P") and single-channel ("L") PNGs hold class indices directly. RGB(A) PNGs are mapped through
     ``VOC_COLORMAP`` (``BOUNDARY_COLOR`` -> ``IGNORE_INDEX``). Any other value raises :class:`DataFormatError`
-    naming ``path`` and the offending index or colour.
+    naming ``path`` and the offending index or colour; so does a file that does not decode (see
+    :func:`cvtasks.images.decode_image`).
     """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            mode = img.mode
-            array = np.asarray(img.convert("RGB") if mode in ("RGB", "RGBA") else img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataFormatError(path, f"not a readable mask image ({exc})") from exc
-    if mode in ("P", "L"):
-        return _check_indices(array.astype(np.uint8), path)
-    if mode in ("RGB", "RGBA"):
-        return rgb_to_mask(array, path)
-    raise DataFormatError(path, f"unsupported mask image mode {mode!r}: expected a palette (P), L or RGB PNG")
+    img = decode_image(data, path)
+    if img.mode in ("P", "L"):
+        return _check_indices(np.asarray(img, dtype=np.uint8), path)
+    if img.mode in ("RGB", "RGBA"):
+        return rgb_to_mask(np.asarray(img.convert("RGB")), path)
+    raise DataFormatError(path, f"unsupported mask image mode {img.mode!r}: expected a palette (P), L or RGB PNG")
 
 
 def _check_indices(mask: np.ndarray, path: object) -> np.ndarray:

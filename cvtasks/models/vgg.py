@@ -17,7 +17,8 @@ Weights specs (never downloading):
                   has standard deviation RANDOM_FEATURE_STD (see :func:`calibrate_random_features`); style transfer
                   then matches texture statistics of random filters only, so callers must report it loudly
     a file path   (or URI readable by :mod:`cvtasks.storage`) holding a state dict of ``vgg19`` or of its
-                  ``features`` (or a checkpoint dict / pickled module, see :func:`load_state_dict_file`)
+                  ``features`` (or a checkpoint dict), read tensor-only by :func:`load_state_dict_file`: a pickled
+                  module or any file that would run code is refused
 """
 
 from __future__ import annotations
@@ -175,8 +176,7 @@ def resolve_vgg_weights(spec: str = AUTO) -> tuple[StateDict | None, str]:
         entry = VGG19_Weights.IMAGENET1K_V1
         cache = imagenet_cache_file(entry)
         if cache.is_file():
-            state = torch.load(cache, map_location="cpu", weights_only=True)
-            return state, f"imagenet: VGG19_Weights.{entry.name} ({cache})"
+            return load_state_dict_file(str(cache)), f"imagenet: VGG19_Weights.{entry.name} ({cache})"
         return None, random_init_description(f"style.weights={spec}, no pretrained weights found: {cache} is missing; "
                                              f"copy {entry.url} there for real style transfer")
     if not storage.exists(spec):

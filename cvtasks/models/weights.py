@@ -5,10 +5,13 @@ Specs:
     ``imagenet``  the torchvision weights enum's default entry, read from the local torch hub cache only
                   (``<torch.hub.get_dir()>/checkpoints/<file name of the enum's url>``); absent -> an error naming
                   that file, because training machines may have no internet
-    a file path   (or URI readable by :mod:`cvtasks.storage`) holding a state dict, a checkpoint dict with a
-                  ``model`` / ``state_dict`` entry, or a whole ``nn.Module`` saved with ``torch.save``
+    a file path   (or URI readable by :mod:`cvtasks.storage`) holding a state dict or a checkpoint dict with a
+                  ``model`` / ``state_dict`` entry
 
-The pipeline layer turns MLflow model URIs into such a file before a task sees the spec.
+Every file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only. Nothing in
+a weights file is ever executed, so a whole ``nn.Module`` saved with ``torch.save(model)`` (a pickle of code) is
+refused; save ``model.state_dict()`` instead. The pipeline layer turns MLflow model URIs into a state dict before a
+task sees the spec.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,10 +52,13 @@ def imagenet_cache_file(weights: Enum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def resolve_state_dict(spec: str, weights_enum: type[Enum]) -> tuple[StateDict | None, str]:
-    """(state dict or None for ``scratch``, a one-line description of where the weights came from)."""
+def weights_file(spec: str, weights_enum: type[Enum]) -> str | None:
+    """The file a ``scratch`` / ``imagenet`` / path spec reads (None for ``scratch``), checked to exist.
+
+    Cheap (nothing is loaded), so the driver calls it before starting anything: a missing file fails in seconds.
+    """
     if spec == SCRATCH:
-        return None, "scratch (random initialisation)"
+        return None
     if spec == IMAGENET:
         entry = weights_enum.DEFAULT
         cache = imagenet_cache_file(entry)
@@ -59,32 +67,30 @@ def resolve_state_dict(spec: str, weights_enum: type[Enum]) -> tuple[StateDict |
                 f"model.weights=imagenet needs {weights_enum.__name__}.{entry.name} in the local torch hub cache: "
                 f"expected file {cache} (copy {entry.url} there, or set model.weights to scratch or a file path)"
             )
-        return torch.load(cache, map_location="cpu", weights_only=True), f"imagenet: {weights_enum.__name__}." \
-                                                                         f"{entry.name} ({cache})"
+        return str(cache)
     if not storage.exists(spec):
         raise ValueError(f'model.weights "{spec}" is neither {SCRATCH}, {IMAGENET} nor an existing file')
-    return load_state_dict_file(spec), f"file: {spec}"
+    return spec
+
+
+def resolve_state_dict(spec: str, weights_enum: type[Enum]) -> tuple[StateDict | None, str]:
+    """(state dict or None for ``scratch``, a one-line description of where the weights came from)."""
+    path = weights_file(spec, weights_enum)
+    if path is None:
+        return None, "scratch (random initialisation)"
+    if spec == IMAGENET:
+        return load_state_dict_file(path), f"imagenet: {weights_enum.__name__}.{weights_enum.DEFAULT.name} ({path})"
+    return load_state_dict_file(path), f"file: {spec}"
 
 
 def load_state_dict_file(path: str) -> StateDict:
-    """A state dict from a file holding a state dict, a checkpoint dict or a pickled ``nn.Module``.
+    """A state dict from a tensor-only file holding a state dict or a checkpoint dict (see ``CHECKPOINT_KEYS``).
 
-    Tensor-only files load with ``weights_only=True``. A whole pickled module cannot load that way; it is then
-    unpickled in full, which runs code from the file, so only point this at files you trust (a warning is logged).
+    Loaded with ``weights_only=True`` only: a file that needs full unpickling (a pickled ``nn.Module``, or anything
+    that would run code) raises ``DataFormatError`` naming ``path``; nothing from it is executed.
     """
-    data = storage.read_bytes(path)
-    try:
-        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning("%s is not a plain state dict; unpickling it in full (trusted files only)", path)
-        try:
-            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise DataFormatError(path, f"not a loadable torch file ({exc})") from exc
-    except (RuntimeError, EOFError) as exc:
-        raise DataFormatError(path, f"not a loadable torch file ({exc})") from exc
-    if isinstance(loaded, nn.Module):
-        return loaded.state_dict()
+    loaded = load_tensor_file(path, "weights file", "a whole pickled nn.Module is refused too: save "
+                                                    "model.state_dict() instead")
     if isinstance(loaded, Mapping):
         for key in CHECKPOINT_KEYS:
             if isinstance(loaded.get(key), Mapping):
@@ -92,7 +98,27 @@ def load_state_dict_file(path: str) -> StateDict:
                 break
         if all(isinstance(v, torch.Tensor) for v in loaded.values()):
             return dict(loaded)
-    raise DataFormatError(path, f"expected a state dict, checkpoint dict or nn.Module, got {type(loaded).__name__}")
+    raise DataFormatError(path, f"expected a state dict or checkpoint dict, got {type(loaded).__name__}")
+
+
+def load_tensor_file(path: str, kind: str, hint: str) -> Any:
+    """``torch.load(weights_only=True)`` of the file (or URI) at ``path``: tensors, numbers, strings, containers.
+
+    A file that would need full unpickling raises ``DataFormatError`` naming ``path``, the ``kind`` of file expected,
+    the global it asked for and ``hint`` (what to do instead); nothing from it is executed. Torch's own message is
+    not passed on: it suggests retrying with ``weights_only=False``, which is exactly what must not happen.
+    """
+    data = storage.read_bytes(path)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        needs = re.search(r"GLOBAL (\S+)|Unsupported operand \d+", str(exc))
+        reason = "" if needs is None else f" (it asks for {needs.group(1)})" if needs.group(1) else \
+            f" ({needs.group(0).lower()})"
+        raise DataFormatError(path, f"not a tensor-only {kind}, refused{reason}: raycv loads torch files with "
+                                    f"weights_only=True and never unpickles code; {hint}") from None
+    except (RuntimeError, EOFError) as exc:
+        raise DataFormatError(path, f"not a loadable torch file ({exc})") from exc
 
 
 def load_backbone_state(backbone: nn.Module, state_dict: StateDict, source: str,

@@ -109,14 +109,16 @@ class BananaTask(Task):
     train_metrics = False
 
     def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
-        """:func:`cvtasks.formats.banana.index`; an image with more boxes than ``data.max_objects`` is an error."""
+        """:func:`cvtasks.formats.banana.index`; an image with more boxes than ``data.max_objects`` is an error
+        naming the label file and the first row beyond the limit."""
         index = fmt.index(root, split, len(class_names(cfg)), skip_bad=bool(cfg["data"].get("skip_bad", False)))
         limit = int(cfg["data"]["max_objects"])
         counts = index["boxes"].map(len)
         if (counts > limit).any():
             i = int(np.argmax(counts.to_numpy() > limit))
-            raise ValueError(f"{index['label_file'][i]}: image {index['path'][i]} has {counts[i]} boxes but "
-                             f"data.max_objects is {limit}; raise data.max_objects")
+            raise DataFormatError(index["label_file"][i], f"image {index['path'][i]} has {counts[i]} boxes but "
+                                  f"data.max_objects is {limit}; raise data.max_objects",
+                                  row=int(index["rows"][i][limit]))
         return index
 
     def decode(self, batch: Batch, cfg: Config) -> Batch:

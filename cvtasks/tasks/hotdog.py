@@ -34,11 +34,7 @@ class HotdogTask(ClassificationTask):
         return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64), "keep": keep}
 
     def build_model(self, cfg: Config) -> nn.Module:
-        model = finetune_resnet18(len(self.class_names(cfg)), str(cfg["model"]["weights"]))
-        source = cfg["model"].get("weights_source")  # the MLflow URI the pipeline resolved to a file, if any
-        if source:
-            model.weights_description = f"{model.weights_description} (from {source})"
-        return model
+        return finetune_resnet18(len(self.class_names(cfg)), str(cfg["model"]["weights"]))
 
     def param_groups(self, model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
         return head_param_groups(model, float(cfg["optim"]["head_lr_mult"]))

@@ -1,0 +1,250 @@
+"""The cluster path, for real: two Ray nodes, datasets, checkpoints and MLflow artifacts on an S3 server (moto on
+127.0.0.1, spoken to over HTTP), commands run the way a user runs them, and a node lost in the middle of a run.
+
+The session's services (tests/conftest.py): a head and a second node joined with ``ray start --address``, each
+with 2 CPUs and one ``raycv_node_slot`` so that workers asking for a slot each land on different nodes; every node
+and this driver have the S3 endpoint and credentials in their environment, as a real cluster's nodes would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+
+import boto3
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from cvtasks import storage
+from pipelines.config import load_config
+from pipelines.train import run_training
+from tests.services import NODE_SLOT, add_ray_node, kill_session
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+#: One-epoch settings that keep each task's run to seconds on 2 CPUs.
+FAST = {
+    "cifar10": ["data.batch_size=128"],
+    "hotdog": ["model.weights=scratch", "augment.size=32", "augment.resize_size=36", "data.batch_size=32"],
+    "banana": ["data.batch_size=32"],
+    "voc": ["data.batch_size=16"],
+}
+METRIC = {"cifar10": "val_acc", "hotdog": "val_acc", "banana": "val_map50", "voc": "val_miou"}
+JOBS = 10
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _raycv(args: list[str], env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "raycv"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"raycv {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _s3_keys(s3_server, prefix: str) -> list[str]:
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    keys, token = [], None
+    while True:
+        page = client.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix,
+                                      **({"ContinuationToken": token} if token else {}))
+        keys += [item["Key"] for item in page.get("Contents", [])]
+        token = page.get("NextContinuationToken")
+        if not token:
+            return keys
+
+
+def _latest_run(client: MlflowClient, task: str, kind: str = "train"):
+    experiment = client.get_experiment_by_name(f"raycv-{task}")
+    return client.search_runs([experiment.experiment_id], f"tags.`raycv.kind` = '{kind}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
+@pytest.fixture(scope="module")
+def s3_env(ray_cluster, s3_server) -> dict[str, str]:
+    """A user's shell on a cluster node: the S3 endpoint and credentials, ``RAYCV_STORAGE`` on S3, the cluster."""
+    return {**os.environ, **ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address,
+            "RAYCV_STORAGE": s3_server.uri("raycv")}
+
+
+@pytest.fixture(scope="module")
+def trained(s3_env, mlflow_server, s3_demo_root) -> dict[str, str]:
+    """``raycv train TASK --data-root s3://...`` for each dataset task (one epoch); task -> MLflow run id."""
+    client, runs = MlflowClient(mlflow_server.url), {}
+    for task, items in FAST.items():
+        _raycv(["train", task, "--data-root", s3_demo_root, "--epochs", "1", *_sets(items),
+                "--tracking-uri", mlflow_server.url], s3_env)
+        runs[task] = _latest_run(client, task).info.run_id
+    return runs
+
+
+@pytest.mark.parametrize("task", list(FAST))
+def test_each_task_trains_from_s3_with_checkpoints_and_artifacts_on_s3(trained, task, mlflow_server, s3_server):
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(trained[task])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, METRIC[task])] == [0]
+    assert run.data.tags["raycv.storage"] == s3_server.uri("raycv")
+    checkpoints = _s3_keys(s3_server, f"raycv/{run.data.tags['raycv.train_name']}/")
+    assert any(key.endswith("/state.pt") for key in checkpoints), checkpoints[:5]
+    artifacts = [key for key in _s3_keys(s3_server, "mlflow/") if f"/{run.info.run_id}/" in key]
+    assert any(key.endswith("/config.yaml") for key in artifacts), artifacts
+    assert any("/model/" in key for key in artifacts), artifacts
+    # raycv train registers its model and moves the alias latest to it
+    assert client.get_model_version_by_alias(f"raycv-{task}", "latest").run_id == run.info.run_id
+
+
+@pytest.mark.parametrize("model", ["runs", "default"])
+def test_predict_reads_an_image_and_a_model_on_s3(trained, s3_env, mlflow_server, s3_demo_root, tmp_path, model):
+    """With --model runs:/..., and without --model: models:/raycv-hotdog@latest, the newest raycv train."""
+    image = storage.join(s3_demo_root, "hotdog", "test", "hotdog",
+                         storage.list_dir(storage.join(s3_demo_root, "hotdog", "test", "hotdog"))[0])
+    out = tmp_path / "predictions"
+    chosen = ["--model", f"runs:/{trained['hotdog']}/model"] if model == "runs" else []
+    _raycv(["predict", "hotdog", image, *chosen, "--out", str(out), "--tracking-uri", mlflow_server.url], s3_env)
+    assert (out / "predictions.json").read_text().count(image) == 1
+
+
+def test_stylize_reads_its_images_from_s3(s3_env, mlflow_server, s3_demo_root, tmp_path):
+    folder = storage.join(s3_demo_root, "hotdog", "train", "hotdog")
+    content, style = (storage.join(folder, name) for name in storage.list_dir(folder)[:2])
+    out = tmp_path / "styled"
+    result = _raycv(["stylize", "--content", content, "--style", style, "--steps", "4", "--size", "32", "32",
+                     "--set", "style.log_every=2", "--output-dir", str(out), "--tracking-uri", mlflow_server.url],
+                    s3_env)
+    assert list(out.glob("*.png")), result.stdout
+
+
+def test_data_check_make_demo_and_reuse_on_s3(s3_env, s3_server, s3_demo_root):
+    assert _raycv(["data", "check", "banana", "--root", s3_demo_root], s3_env).stdout.strip().endswith("ok")
+    made = s3_server.uri("made")
+    _raycv(["data", "make-demo", "--root", made, "--only", "cifar10"], s3_env)
+    assert any(key.endswith("cifar-10-batches-py/.raycv-demo") for key in _s3_keys(s3_server, "made/"))
+    again = _raycv(["data", "make-demo", "--root", made, "--only", "cifar10"], s3_env)
+    assert "reusing it" in again.stdout + again.stderr
+    assert _raycv(["data", "check", "cifar10", "--root", made], s3_env).stdout.strip().endswith("ok")
+
+
+class _NodeKiller(threading.Thread):
+    """Waits until the run tagged ``marker`` has logged epoch 0 and is into epoch 1, then kills the second node's
+    processes (only those: its session) and joins a replacement node, as a cluster's autoscaler would."""
+
+    def __init__(self, cluster, tracking_uri: str, marker: str) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.client, self.marker = cluster, MlflowClient(tracking_uri), marker
+        self.first_nodes: list[str] = []
+        self.killed_node = ""
+        self.epochs_before_kill: list[int] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            run = self._wait_for_epoch_zero()
+            self.first_nodes = run.data.tags["raycv.worker_nodes"].split(",")
+            time.sleep(3)  # into epoch 1 (the second epoch)
+            self.epochs_before_kill = sorted(int(m.step) for m in
+                                             self.client.get_metric_history(run.info.run_id, "epoch"))
+            head = ray.get_runtime_context().get_node_id()
+            self.killed_node = next(n for n in self.first_nodes if n != head)
+            assert kill_session(self.cluster.worker_sessions[-1]) > 0
+            add_ray_node(self.cluster)
+        except BaseException as error:  # reported by the test
+            self.error = error
+
+    def _wait_for_epoch_zero(self):
+        experiment = self.client.get_experiment_by_name("raycv-cifar10")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if experiment is None:
+                experiment = self.client.get_experiment_by_name("raycv-cifar10")
+            runs = self.client.search_runs([experiment.experiment_id], f"tags.`raycv.test` = '{self.marker}'") \
+                if experiment else []
+            if runs and self.client.get_metric_history(runs[0].info.run_id, "epoch"):
+                return self.client.get_run(runs[0].info.run_id)
+            time.sleep(0.5)
+        raise TimeoutError("the run never logged its first epoch")
+
+
+def test_two_node_run_survives_losing_a_node_mid_epoch(ray_cluster, mlflow_server, s3_server, s3_demo_root):
+    """Workers on two nodes; the second node dies in epoch 2; the run finishes from its S3 checkpoint on the head
+    and a replacement node, in the same MLflow run, every epoch logged once, the final model logged."""
+    epochs, marker = 3, uuid.uuid4().hex
+    cfg = load_config("cifar10", overrides=[
+        f"data.root={s3_demo_root}", f"train.epochs={epochs}", "scaling.workers=2", "data.batch_size=64",
+        f"scaling.worker_resources={{{NODE_SLOT}: 1}}", "train.max_failures=3",
+    ])
+    killer = _NodeKiller(ray_cluster, mlflow_server.url, marker)
+    killer.start()
+    outcome = run_training(cfg, mlflow_server.url, storage=s3_server.uri("raycv"), run_tags={"raycv.test": marker})
+    killer.join(timeout=60)
+    assert killer.error is None, repr(killer.error)
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(outcome.run_id)
+    assert len(set(killer.first_nodes)) == 2, killer.first_nodes  # one worker per node before the loss
+    assert killer.epochs_before_kill == [0]  # the node died during the second epoch
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["raycv.attempts"]) >= 2  # the worker group really restarted
+    last_nodes = run.data.tags["raycv.worker_nodes"].split(",")
+    assert len(set(last_nodes)) == 2 and killer.killed_node not in last_nodes
+    for key in ("epoch", "val_acc", "train_loss"):
+        assert sorted(m.step for m in client.get_metric_history(outcome.run_id, key)) == list(range(epochs)), key
+    assert any(a.path == "model" for a in client.list_artifacts(outcome.run_id))
+
+
+def test_sweep_job_on_two_nodes_with_s3_storage_then_resume_from_s3(ray_cluster, s3_env, mlflow_server, s3_server,
+                                                                   s3_demo_root):
+    submit = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".", "--",
+              "raycv", "tune", "hotdog", "--data-root", s3_demo_root, "--epochs", "1", "--num-samples", "2",
+              "--scheduler", "fifo", *_sets(FAST["hotdog"]), "--tracking-uri", mlflow_server.url]
+    result = subprocess.run(submit, cwd=REPO, env=s3_env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output.lower(), output[-4000:]
+    path = output.split("--resume ")[-1].split()[0]
+    assert path.startswith(s3_server.uri("raycv", "sweep-hotdog-")), path
+
+    client = MlflowClient(mlflow_server.url)
+    parent = _latest_run(client, "hotdog", kind="sweep")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert client.get_model_version_by_alias("raycv-hotdog", "best").run_id in {c.info.run_id for c in children}
+
+    resumed = _raycv(["tune", "hotdog", "--resume", path, "--data-root", s3_demo_root, "--epochs", "1",
+                      *_sets(FAST["hotdog"]), "--tracking-uri", mlflow_server.url], s3_env)
+    assert parent.info.run_id in resumed.stdout
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_ten_concurrent_job_submissions_all_succeed(ray_cluster, s3_env, s3_demo_root):
+    def submit(_: int) -> str:
+        result = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", ray_cluster.dashboard_url,
+             "--working-dir", ".", "--", "raycv", "data", "check", "hotdog", "--root", s3_demo_root],
+            cwd=REPO, env=s3_env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout.split("Job '")[1].split("'")[0]
+
+    with ThreadPool(JOBS) as pool:
+        job_ids = pool.map(submit, range(JOBS))
+    assert len(set(job_ids)) == JOBS
+    jobs = JobSubmissionClient(ray_cluster.dashboard_url)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        statuses = {job: jobs.get_job_status(job) for job in job_ids}
+        if all(status.is_terminal() for status in statuses.values()):
+            break
+        time.sleep(2)
+    assert all(status == JobStatus.SUCCEEDED for status in statuses.values()), statuses
+    assert all(jobs.get_job_logs(job).strip().endswith("ok") for job in job_ids)
