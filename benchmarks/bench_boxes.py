@@ -1,8 +1,12 @@
 """Benchmark cvtasks.boxes against its references, side by side in one run:
 
-- multibox_target on a TinySSD batch (32 images x 5,444 anchors) vs d2l's loop over images calling
-  assign_anchor_to_bbox per image (written below, outputs checked equal);
-- nms vs torchvision.ops.nms on a few thousand boxes (outputs checked equal).
+- multibox_target on a TinySSD batch (32 images x 5,444 anchors, 1 and 8 objects per image) vs the book's own
+  multibox_target: a loop over images calling d2l's assign_anchor_to_bbox (its own loop over ground-truth boxes),
+  re-implemented below from the book with its errata fixed (the iou_threshold argument, integer division);
+  outputs checked equal;
+- multibox_detection (one torchvision.ops.batched_nms call for the batch) vs a loop over images calling
+  torchvision.ops.nms, on an untrained TinySSD's dense output (every anchor a candidate), and with the 100
+  candidates per image that raycv's detection config used to keep (outputs checked equal).
 
 Usage: python benchmarks/bench_boxes.py [--device cpu|cuda] [--repeats 7]
 """
@@ -19,7 +23,18 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from cvtasks.boxes import BACKGROUND, assign_anchor_to_bbox, multibox_prior, multibox_target, nms, offset_boxes
+from cvtasks.boxes import (
+    BACKGROUND,
+    NOT_DETECTED,
+    UNASSIGNED,
+    box_iou,
+    multibox_detection,
+    multibox_prior,
+    multibox_target,
+    offset_boxes,
+    offset_inverse,
+)
+from cvtasks.detection import detect
 
 log = logging.getLogger("bench_boxes")
 
@@ -28,10 +43,11 @@ TINYSSD_FEATURE_MAPS = (32, 16, 8, 4, 1)  # feature-map side per stage
 TINYSSD_SIZES = ([0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961])  # anchor scales per stage
 TINYSSD_RATIOS = [1, 2, 0.5]  # width/height ratios, shared by all stages
 BATCH_SIZE = 32  # d2l's TinySSD training batch
-OBJECTS_PER_IMAGE = (1, 4)  # banana detection has 1; 4 shows how the greedy loop over objects scales
-NMS_BOX_COUNTS = (2000, 5000)  # "a few thousand" random boxes
+OBJECTS_PER_IMAGE = (1, 8)  # banana detection has 1; 8 shows how the greedy loop over objects scales
 NMS_IOU_THRESHOLD = 0.5  # d2l's nms_threshold
-DECODE_NOISE = 0.01  # std of the jitter added to anchors to mimic decoded SSD predictions
+OLD_CANDIDATE_CAP = 100  # detect.max_candidates before batched NMS
+UNTRAINED_LOGIT_STD = 0.1  # an untrained head's class logits: nearly uniform, so every anchor is a candidate
+UNTRAINED_OFFSET_STD = 0.5  # and its offsets: boxes scattered around their anchors
 SEED = 0
 
 
@@ -58,14 +74,35 @@ def random_labels(num_objects: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat((classes, boxes), dim=-1)
 
 
-def per_image_multibox_target(anchors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """d2l's multibox_target: a Python loop over images, assign_anchor_to_bbox and scatter per image."""
+def book_assign_anchor_to_bbox(ground_truth: torch.Tensor, anchors: torch.Tensor, device: torch.device,
+                               iou_threshold: float = 0.5) -> torch.Tensor:
+    """d2l's assign_anchor_to_bbox (13.4.3.1), one image, its loop over ground-truth boxes as the book writes it."""
+    num_anchors, num_gt_boxes = anchors.shape[0], ground_truth.shape[0]
+    jaccard = box_iou(anchors, ground_truth)
+    anchors_bbox_map = torch.full((num_anchors,), UNASSIGNED, dtype=torch.long, device=device)
+    max_ious, indices = torch.max(jaccard, dim=1)
+    anc_i = torch.nonzero(max_ious >= iou_threshold).reshape(-1)
+    box_j = indices[max_ious >= iou_threshold]
+    anchors_bbox_map[anc_i] = box_j
+    col_discard = torch.full((num_anchors,), -1.0, device=device)
+    row_discard = torch.full((num_gt_boxes,), -1.0, device=device)
+    for _ in range(num_gt_boxes):
+        max_idx = torch.argmax(jaccard)
+        box_idx = (max_idx % num_gt_boxes).long()
+        anc_idx = (max_idx // num_gt_boxes).long()
+        anchors_bbox_map[anc_idx] = box_idx
+        jaccard[:, box_idx] = col_discard
+        jaccard[anc_idx, :] = row_discard
+    return anchors_bbox_map
+
+
+def book_multibox_target(anchors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d2l's multibox_target (13.4.3): a Python loop over images, book_assign_anchor_to_bbox per image."""
     anchors = anchors.reshape(-1, 4)
     device, num_anchors = anchors.device, anchors.shape[0]
     batch_offset, batch_mask, batch_class_labels = [], [], []
     for label in labels:
-        label = label[label[:, 0] >= 0]
-        anchors_bbox_map = assign_anchor_to_bbox(label[:, 1:], anchors, device)
+        anchors_bbox_map = book_assign_anchor_to_bbox(label[:, 1:], anchors, device)
         bbox_mask = (anchors_bbox_map >= 0).float().unsqueeze(-1).repeat(1, 4)
         class_labels = torch.full((num_anchors,), BACKGROUND, dtype=torch.long, device=device)
         assigned_bb = torch.zeros((num_anchors, 4), dtype=torch.float32, device=device)
@@ -77,6 +114,31 @@ def per_image_multibox_target(anchors: torch.Tensor, labels: torch.Tensor) -> tu
         batch_mask.append(bbox_mask.reshape(-1))
         batch_class_labels.append(class_labels)
     return torch.stack(batch_offset), torch.stack(batch_mask), torch.stack(batch_class_labels)
+
+
+def per_image_detection(cls_probs: torch.Tensor, offset_preds: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """multibox_detection's semantics with one torchvision.ops.nms call per image (the loop batched NMS replaces)."""
+    batch, _, num_anchors = cls_probs.shape
+    rows = []
+    for image in range(batch):
+        boxes = offset_inverse(anchors, offset_preds[image].reshape(num_anchors, 4))
+        conf, class_id = cls_probs[image, 1:].max(dim=0)
+        keep = torchvision.ops.nms(boxes, conf, NMS_IOU_THRESHOLD).sort().values
+        keep = keep[conf[keep].sort(descending=True, stable=True).indices]  # ties by anchor index, as ours
+        others = torch.ones(num_anchors, dtype=torch.bool, device=boxes.device)
+        others[keep] = False
+        order = torch.cat((keep, torch.nonzero(others).squeeze(1)))
+        class_id = torch.where(others, NOT_DETECTED, class_id)[order]
+        rows.append(torch.cat((class_id.to(conf.dtype)[:, None], conf[order, None], boxes[order]), dim=1))
+    return torch.stack(rows)
+
+
+def untrained_outputs(num_anchors: int, generator: torch.Generator, device: torch.device,
+                      num_classes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class logits [B, A, C + 1], offsets [B, A * 4]) as an untrained TinySSD head emits them."""
+    logits = UNTRAINED_LOGIT_STD * torch.randn(BATCH_SIZE, num_anchors, num_classes + 1, generator=generator)
+    offsets = UNTRAINED_OFFSET_STD * torch.randn(BATCH_SIZE, num_anchors * 4, generator=generator)
+    return logits.to(device), offsets.to(device)
 
 
 def median_ms(run: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -114,23 +176,22 @@ def bench_cases(device: torch.device, repeats: int) -> list[tuple[str, float, st
     for num_objects in OBJECTS_PER_IMAGE:
         labels = random_labels(num_objects, generator).to(device)
         case = f"multibox_target {BATCH_SIZE}x{anchors.shape[0]} anchors, {num_objects} obj/img"
-        check_same(case, multibox_target(anchors, labels), per_image_multibox_target(anchors, labels))
+        check_same(case, multibox_target(anchors, labels), book_multibox_target(anchors, labels))
         ours = median_ms(lambda labels=labels: multibox_target(anchors, labels), repeats, device)
-        reference = median_ms(lambda labels=labels: per_image_multibox_target(anchors, labels), repeats, device)
-        rows.append((case, ours, "d2l per-image loop", reference))
+        reference = median_ms(lambda labels=labels: book_multibox_target(anchors, labels), repeats, device)
+        rows.append((case, ours, "d2l multibox_target", reference))
 
-    decoded = anchors + DECODE_NOISE * torch.randn(anchors.shape, generator=generator).to(device)
-    nms_inputs = [(f"nms {n} random boxes", random_boxes(n, generator).to(device)) for n in NMS_BOX_COUNTS]
-    nms_inputs.append((f"nms {anchors.shape[0]} decoded SSD boxes", decoded))
-    for case, candidates in nms_inputs:
-        scores = torch.rand(candidates.shape[0], generator=generator).to(device)
-        check_same(case, (nms(candidates, scores, NMS_IOU_THRESHOLD),),
-                   (torchvision.ops.nms(candidates, scores, NMS_IOU_THRESHOLD),))  # fmt: skip
-        ours = median_ms(lambda c=candidates, s=scores: nms(c, s, NMS_IOU_THRESHOLD), repeats, device)
-        reference = median_ms(
-            lambda c=candidates, s=scores: torchvision.ops.nms(c, s, NMS_IOU_THRESHOLD), repeats, device
-        )
-        rows.append((case, ours, "torchvision.ops.nms", reference))
+    logits, offsets = untrained_outputs(anchors.shape[0], generator, device)
+    probs = torch.softmax(logits, dim=-1).permute(0, 2, 1)  # [B, C + 1, A]
+    case = f"multibox_detection {BATCH_SIZE}x{anchors.shape[0]} untrained boxes"
+    check_same(case, (multibox_detection(probs, offsets, anchors, NMS_IOU_THRESHOLD, 0.0),),
+               (per_image_detection(probs, offsets, anchors),))  # fmt: skip
+    ours = median_ms(lambda: multibox_detection(probs, offsets, anchors, NMS_IOU_THRESHOLD), repeats, device)
+    reference = median_ms(lambda: per_image_detection(probs, offsets, anchors), repeats, device)
+    rows.append((case, ours, "per-image ops.nms", reference))
+    capped = median_ms(lambda: detect(anchors, logits, offsets, max_candidates=OLD_CANDIDATE_CAP), repeats, device)
+    rows.append((f"detect, all {anchors.shape[0]} anchors vs top {OLD_CANDIDATE_CAP}", ours,
+                 f"top-{OLD_CANDIDATE_CAP} per image", capped))
     return rows
 
 

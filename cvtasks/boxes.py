@@ -3,8 +3,8 @@
 Conventions, as in torchvision.ops: a box is the last dimension (size 4) of a float tensor, either in corner format
 (x1, y1, x2, y2) or in center format (cx, cy, w, h), with x divided by the image width and y by the image height
 (coordinates in [0, 1]; anchors near the border may reach a little outside). Functions keep the device and dtype of
-their inputs, and none of them loops in Python over anchors: multibox_target loops over ground-truth boxes (few),
-nms over blocks of boxes, multibox_detection over images (NMS is per image).
+their inputs, and none of them loops in Python over anchors or images: multibox_target loops over ground-truth boxes
+(few); multibox_detection's NMS is torchvision.ops.batched_nms, one call for the batch.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms
 
 # Box coding, as torchvision's BoxCoder(weights=(10., 10., 5., 5.)): offsets are normalised by the standard
 # deviations sigma_xy = 0.1 and sigma_wh = 0.2 of d2l's transform (means 0), i.e. multiplied by their inverses.
@@ -26,10 +27,6 @@ NOT_DETECTED = -1  # multibox_detection's class id for a box removed by NMS or b
 PIXEL_CENTER = 0.5  # anchors are centred on pixel centres: pixel i spans [i, i + 1)
 DEFAULT_IOU_THRESHOLD = 0.5  # d2l's default for anchor assignment (IoU >= it) and NMS (IoU > it suppresses)
 DEFAULT_POS_THRESHOLD = 0.009999999  # d2l's confidence below which a detection is reported as background
-# Boxes nms resolves per step: bigger blocks mean fewer steps but block^2 IoUs. Each step waits for the device
-# (a few syncs), which dominates on GPUs: 2048 was ~2-4x faster than 256 on an H200, 256 the best on CPU.
-NMS_BLOCK_SIZE = 256
-NMS_BLOCK_SIZE_ACCELERATOR = 2048
 
 _DISCARDED_IOU = -1.0  # below every real IoU (>= 0): marks matched anchors, matched or padded ground truth
 
@@ -229,51 +226,6 @@ def multibox_target(
     return offsets.reshape(batch, -1), bbox_mask.reshape(batch, -1), class_labels
 
 
-def _greedy_keep(overlaps: Tensor) -> Tensor:
-    """Greedy NMS within one block of boxes ranked by descending score.
-
-    overlaps (Tensor[b, b], bool): [i, j] True when box i ranks before box j and their IoU exceeds the threshold.
-    Returns Tensor[b] bool, the kept boxes: the unique fixed point of keep_j = not any_i(keep_i and overlaps_ij).
-    Iterating from "keep all" settles box j after (longest chain of overlaps leading to j) + 1 steps, a few in
-    practice; an unchanged step means the fixed point is reached.
-    """
-    keep = torch.ones(overlaps.shape[0], dtype=torch.bool, device=overlaps.device)
-    while True:
-        updated = ~(overlaps & keep[:, None]).any(dim=0)
-        if torch.equal(updated, keep):
-            return keep
-        keep = updated
-
-
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Non-maximum suppression, as torchvision.ops.nms: repeatedly keep the best-scoring box and drop every box
-    whose IoU with it is > iou_threshold.
-
-    Boxes are ranked once by descending score (ties by index) and taken a block at a time (NMS_BLOCK_SIZE on CPU,
-    NMS_BLOCK_SIZE_ACCELERATOR elsewhere) from the boxes not yet suppressed: the block is resolved by a vectorised
-    fixed-point iteration, then its kept boxes suppress the later boxes all at once. IoUs are computed only within
-    blocks and between kept and surviving later boxes.
-
-    Args:
-        boxes (Tensor[N, 4]): (x1, y1, x2, y2).
-        scores (Tensor[N]).
-
-    Returns:
-        Tensor[K]: int64 indices of the kept boxes, sorted by descending score.
-    """
-    block_size = NMS_BLOCK_SIZE if boxes.device.type == "cpu" else NMS_BLOCK_SIZE_ACCELERATOR
-    pending = torch.sort(scores, descending=True, stable=True).indices  # undecided boxes, by rank
-    kept_blocks = []
-    while pending.numel() > 0:
-        block_index, later_index = pending[:block_size], pending[block_size:]
-        block = boxes[block_index]
-        block_kept = _greedy_keep((box_iou(block, block) > iou_threshold).triu(diagonal=1))
-        kept_blocks.append(block_index[block_kept])
-        later_ious = box_iou(block[block_kept], boxes[later_index])  # [kept in block, later]
-        pending = later_index[~(later_ious > iou_threshold).any(dim=0)]
-    return torch.cat(kept_blocks) if kept_blocks else pending
-
-
 def multibox_detection(
     cls_probs: Tensor,
     offset_preds: Tensor,
@@ -287,24 +239,37 @@ def multibox_detection(
     confidence. Rows are ordered as d2l: boxes kept by NMS (descending confidence), then the others by anchor index
     with class NOT_DETECTED. Rows with confidence < pos_threshold also get NOT_DETECTED and confidence 1 - conf.
 
+    NMS runs once for the whole batch (``torchvision.ops.batched_nms``) keyed by image only: d2l's NMS is
+    class-agnostic within an image (a box may suppress a box of another class), so image is the whole key.
+
     Args:
         cls_probs (Tensor[B, C + 1, A]): class probabilities, background first.
         offset_preds (Tensor[B, A * 4]): predicted offsets (dx, dy, dw, dh) per anchor.
-        anchors (Tensor[1, A, 4] or Tensor[A, 4]): (x1, y1, x2, y2).
+        anchors (Tensor[1, A, 4], Tensor[A, 4] or Tensor[B, A, 4]): (x1, y1, x2, y2), shared or per image.
 
     Returns:
         Tensor[B, A, 6]: rows (class_id or NOT_DETECTED, confidence, x1, y1, x2, y2), class_id counted from 0.
     """
     batch, _, num_anchors = cls_probs.shape
-    anchors = anchors.reshape(-1, 4)
+    anchors = anchors.reshape(-1, num_anchors, 4)  # [1 or B, A, 4]
     boxes = offset_inverse(anchors, offset_preds.reshape(batch, num_anchors, 4))  # [B, A, 4]
     conf, class_id = cls_probs[:, 1:, :].max(dim=1)  # [B, A]
 
-    anchor_index = torch.arange(num_anchors, device=cls_probs.device)
-    row_key = (num_anchors + anchor_index).repeat(batch, 1)  # [B, A]: NMS rank for kept boxes, after them the rest
-    for image in range(batch):
-        keep = nms(boxes[image], conf[image], nms_threshold)
-        row_key[image, keep] = torch.arange(keep.numel(), device=keep.device)
+    device = cls_probs.device
+    flat_conf = conf.reshape(-1)
+    image_of = torch.arange(batch, device=device).repeat_interleave(num_anchors)  # [B * A]
+    keep = batched_nms(boxes.reshape(-1, 4), flat_conf, image_of, nms_threshold).sort().values
+    # Kept boxes grouped by image, each group by descending confidence, ties by anchor index (stable sorts).
+    keep = keep[torch.sort(flat_conf[keep], descending=True, stable=True).indices]
+    keep = keep[torch.sort(image_of[keep], stable=True).indices]
+    kept_per_image = torch.bincount(image_of[keep], minlength=batch)  # [B]
+    group_start = torch.cumsum(kept_per_image, dim=0) - kept_per_image  # [B]
+    rank = torch.arange(keep.numel(), device=device) - group_start.repeat_interleave(kept_per_image)
+
+    # Sort key of each row: a kept box's rank in its image, after them every other anchor in index order.
+    row_key = (num_anchors + torch.arange(num_anchors, device=device)).repeat(batch)  # [B * A]
+    row_key[keep] = rank
+    row_key = row_key.reshape(batch, num_anchors)
     kept = row_key < num_anchors
     class_id = torch.where(kept, class_id, NOT_DETECTED)
 

@@ -1,4 +1,4 @@
-"""cvtasks.boxes against d2l's worked examples (13.4), torchvision.ops and a slow per-anchor Python oracle."""
+"""cvtasks.boxes against d2l's worked examples (13.4), torchvision.ops and slow per-anchor / per-image oracles."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from cvtasks.boxes import (
     multibox_detection,
     multibox_prior,
     multibox_target,
-    nms,
     offset_boxes,
     offset_inverse,
 )
@@ -245,25 +244,49 @@ def test_multibox_target_matches_the_per_anchor_oracle_on_random_batches(device)
 # ---- non-maximum suppression and detection ----
 
 
+def per_image_detection(cls_probs, offset_preds, anchors, iou_threshold):
+    """Oracle: multibox_detection's rows built image by image with torchvision.ops.nms (kept boxes by descending
+    confidence, ties by anchor index, then the others by anchor index as NOT_DETECTED)."""
+    rows = []
+    for probs, offsets in zip(cls_probs, offset_preds):
+        decoded = offset_inverse(anchors, offsets.reshape(-1, 4))
+        conf, class_id = probs[1:].max(dim=0)
+        keep = torchvision.ops.nms(decoded, conf, iou_threshold).sort().values
+        keep = keep[conf[keep].sort(descending=True, stable=True).indices]
+        dropped = torch.ones_like(conf, dtype=torch.bool)
+        dropped[keep] = False
+        order = torch.cat((keep, dropped.nonzero().squeeze(1)))
+        class_id = torch.where(dropped, boxes.NOT_DETECTED, class_id)[order]
+        rows.append(torch.cat((class_id.to(conf.dtype)[:, None], conf[order, None], decoded[order]), dim=1))
+    return torch.stack(rows)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.7])
-def test_nms_matches_torchvision(device, iou_threshold):
+def test_batched_detection_matches_per_image_torchvision_nms(device, iou_threshold):
+    """One batched NMS call for 6 images of 700 dense, overlapping boxes (3 classes, class-agnostic as d2l), with
+    tied confidences, equals NMS image by image."""
     generator = torch.Generator().manual_seed(5)
-    candidates = random_boxes(2500, generator).to(device)  # more than one NMS block on CPU and on GPU
-    scores = (torch.randperm(2500, generator=generator).float() / 2500).to(device)  # distinct: no ties
-    keep = nms(candidates, scores, iou_threshold)
-    assert keep.device == candidates.device and keep.dtype == torch.int64
-    assert torch.equal(keep, torchvision.ops.nms(candidates, scores, iou_threshold))
+    anchors = random_boxes(700, generator)
+    offset_preds = 0.3 * torch.randn(6, 700 * 4, generator=generator)
+    cls_probs = torch.softmax(torch.randn(6, 4, 700, generator=generator), dim=1)
+    cls_probs[:, :, 100:110] = cls_probs[:, :, 90:91]  # equal confidences: ties are broken by anchor index
+    output = multibox_detection(cls_probs.to(device), offset_preds.to(device), anchors.to(device), iou_threshold,
+                                pos_threshold=0.0)
+    expected = per_image_detection(cls_probs, offset_preds, anchors, iou_threshold)
+    assert output.device.type == device
+    torch.testing.assert_close(output.cpu(), expected)
+    assert 0 < int((output[..., 0] >= 0).sum()) < output.shape[0] * output.shape[1]  # NMS dropped some, kept some
 
 
-def test_nms_with_small_blocks_and_edge_cases(monkeypatch):
-    generator = torch.Generator().manual_seed(6)
-    candidates, scores = random_boxes(300, generator, max_size=0.6), torch.rand(300, generator=generator)
-    monkeypatch.setattr(boxes, "NMS_BLOCK_SIZE", 7)
-    assert torch.equal(nms(candidates, scores, 0.5), torchvision.ops.nms(candidates, scores, 0.5))
-    assert nms(torch.zeros((0, 4)), torch.zeros(0), 0.5).tolist() == []
+def test_batched_detection_with_per_image_anchors_and_identical_boxes():
     identical = torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 3)
-    assert nms(identical, torch.tensor([0.2, 0.9, 0.5]), 0.5).tolist() == [1]
+    cls_probs = torch.tensor([[[0.8, 0.1, 0.5], [0.2, 0.9, 0.5]], [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]])
+    per_image = torch.stack((identical, identical + 0.2))  # [B, A, 4]
+    output = multibox_detection(cls_probs, torch.zeros(2, 12), per_image, pos_threshold=0.0)
+    assert output[0, :, 0].tolist() == [0, -1, -1] and output[0, 0, 1].item() == pytest.approx(0.9)
+    assert output[1, :, 0].tolist() == [0, -1, -1]  # three equal confidences: the first anchor is kept
+    torch.testing.assert_close(output[1, 0, 2:], per_image[1, 0])
 
 
 BOOK_NMS_ANCHORS = [[0.1, 0.08, 0.52, 0.92], [0.08, 0.2, 0.56, 0.95], [0.15, 0.3, 0.62, 0.91], [0.55, 0.2, 0.9, 0.88]]
