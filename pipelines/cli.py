@@ -155,7 +155,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.tracking import LATEST_ALIAS, registered_name, resolve_tracking_uri
 
     model = args.model or f"models:/{registered_name(args.task)}@{LATEST_ALIAS}"
-    written = predict(args.task, model, args.images, args.out, resolve_tracking_uri(args.tracking_uri))
+    try:
+        written = predict(args.task, model, args.images, args.out, resolve_tracking_uri(args.tracking_uri))
+    except ValueError as exc:
+        if args.model or not str(exc).startswith(model):
+            raise
+        raise ValueError(f"{exc}: no {args.task} model trained in this tracking store yet (run `raycv train "
+                         f"{args.task}` first, or pass --model)") from None
     for path in written:
         print(path)
     return 0

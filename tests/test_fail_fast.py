@@ -268,3 +268,12 @@ def test_a_worker_crash_is_still_retried(ray_cluster, mlflow_server, demo_root, 
     run = MlflowClient(mlflow_server.url).get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[ATTEMPTS_TAG] == "2"
+
+
+def test_predict_without_a_trained_model_says_what_to_do(tmp_path, capsys, ray_connects):
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64)).save(image)
+    code, lines, _ = _cli(["predict", "banana", str(image), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                          capsys)
+    assert code == 2 and len(lines) == 1
+    assert "models:/raycv-banana@latest" in lines[0] and "run `raycv train banana` first" in lines[0]
