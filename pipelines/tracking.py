@@ -40,6 +40,8 @@ EPOCH_KEY = "epoch"
 #: A run's model: ``model/state_dict.pt`` (tensors only) and, for classifiers, ``model/class_names.json``.
 MODEL_DIR = "model"
 #: Registry aliases: every ``raycv train`` moves ``latest`` to its model, a sweep moves ``best`` to its winner.
+#: MLflow reserves the name ``latest``: ``models:/<name>@latest`` is always the newest version, so registering a
+#: version is all it takes to move it.
 LATEST_ALIAS = "latest"
 BEST_ALIAS = "best"
 STATE_DICT_FILE = "state_dict.pt"
@@ -294,7 +296,8 @@ def register_model(client: MlflowClient, task: str, run_id: str, alias: str) -> 
         client.create_registered_model(name, tags={"raycv.task": task})
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
     version = client.create_model_version(name, source=source, run_id=run_id, tags={"raycv.task": task})
-    client.set_registered_model_alias(name, alias, version.version)
+    if alias != LATEST_ALIAS:  # reserved by MLflow, which resolves it to this newest version by itself
+        client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 
 

@@ -61,3 +61,15 @@ def test_sweep_moves_best_only_to_a_better_model(tmp_path):
     assert client.get_model_version_by_alias("raycv-cifar10", "best").run_id == runs["better"]
     # a lower-is-better metric: the lower value wins
     assert _register_if_better(client, "cifar10", runs["worse"], "val_acc", 0.5, "min") == "3"
+
+
+def test_latest_names_the_newest_registered_version(tmp_path):
+    import torch
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}")
+    for expected in ("1", "2"):
+        run_id = tracking.create_run(client, "cifar10", {"task": "cifar10"})
+        tracking.log_model_state(client, run_id, torch.nn.Linear(2, 1).state_dict(), None)
+        assert tracking.register_model(client, "cifar10", run_id, tracking.LATEST_ALIAS) == expected
+        assert client.get_model_version_by_alias("raycv-cifar10", tracking.LATEST_ALIAS).run_id == run_id
+        assert tracking.model_run_id(client, "models:/raycv-cifar10@latest") == run_id
