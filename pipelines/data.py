@@ -18,16 +18,20 @@ than by an aggregation and a second materialised copy. A streamed split keeps no
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import ray
 import ray.data
 
-from cvtasks.tasks.base import Batch, Config, Task
+if TYPE_CHECKING:  # importing cvtasks imports torch: see task_path
+    import pandas as pd
+
+    from cvtasks.tasks.base import Batch, Config, Task
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +63,32 @@ class SplitData:
     skipped: int | None  # rows dropped by the task's ``keep`` column; None when unknown (streamed, no skip_bad)
 
 
-def _decode(batch: Batch, task: Task, cfg: Config) -> Batch:
-    return _drop_unkept(task.decode(batch, cfg))
+def task_path(task: Task) -> str:
+    """``module:Class`` of ``task``: what the pipeline's map functions carry instead of the task object.
+
+    Ray Data's coordinator actors (and Ray Train's dataset manager) unpickle a pipeline without running it; a task
+    object there would import its module, torch and torchvision in each of them (seconds of CPU per process, see
+    :mod:`pipelines.handoff`). The Ray tasks that run the maps import it once per process (:func:`task_at`).
+    """
+    return f"{type(task).__module__}:{type(task).__qualname__}"
 
 
-def _augment(batch: Batch, task: Task, cfg: Config, train: bool) -> Batch:
+@functools.cache
+def task_at(path: str) -> Task:
+    """The task named by :func:`task_path`, created once per process."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+def _decode(batch: Batch, task: str, cfg: Config) -> Batch:
+    return _drop_unkept(task_at(task).decode(batch, cfg))
+
+
+def _augment(batch: Batch, task: str, cfg: Config, train: bool) -> Batch:
     # A new unseeded generator on every call: each epoch re-executes this map, so augmentation is fresh each epoch.
-    out = task.augment(batch, train, cfg, np.random.default_rng())
-    return {key: out[key] for key in task.tensor_keys}
+    found = task_at(task)
+    out = found.augment(batch, train, cfg, np.random.default_rng())
+    return {key: out[key] for key in found.tensor_keys}
 
 
 def _drop_unkept(batch: Batch) -> Batch:
@@ -98,12 +120,12 @@ def count_skipped(decoded: ray.data.Dataset, rows: int, cached: bool, skip_bad: 
 def row_bytes(task: Task, cfg: Config, index: pd.DataFrame) -> RowBytes:
     """Decode and augment the first rows of ``index`` on the driver and measure them."""
     probe = index.head(SIZE_PROBE_ROWS)
-    decoded = _decode({col: probe[col].to_numpy() for col in probe.columns}, task, cfg)
+    decoded = _decode({col: probe[col].to_numpy() for col in probe.columns}, task_path(task), cfg)
     decoded_per_row = sum(_nbytes(v) for v in decoded.values()) / max(len(probe), 1)
     kept = len(next(iter(decoded.values())))
     if not kept:  # every probe row dropped: the decoded size is the best guess left
         return RowBytes(decoded_per_row, decoded_per_row)
-    augmented = _augment(decoded, task, cfg, train=False)
+    augmented = _augment(decoded, task_path(task), cfg, train=False)
     return RowBytes(decoded_per_row, sum(_nbytes(v) for v in augmented.values()) / kept)
 
 
@@ -153,7 +175,7 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     source = ray.data.from_pandas(chunks)
     source.context.target_max_block_size = max_block  # the context is this pipeline's own copy
     ds = source.map_batches(
-        _decode, fn_kwargs={"task": task, "cfg": cfg}, batch_format="numpy", batch_size=decode_rows
+        _decode, fn_kwargs={"task": task_path(task), "cfg": cfg}, batch_format="numpy", batch_size=decode_rows
     )
     estimate = int(sizes.decoded * len(index))
     cached = should_cache(cfg["data"]["cache"], estimate, store)
@@ -172,7 +194,7 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
         ds = ds.randomize_block_order()
     ds = ds.map_batches(
         _augment,
-        fn_kwargs={"task": task, "cfg": cfg, "train": train},
+        fn_kwargs={"task": task_path(task), "cfg": cfg, "train": train},
         batch_format="numpy",
         batch_size=augment_rows,
     )

@@ -5,7 +5,7 @@ A bad config value, a corrupt sample or missing weights fail the same way on eve
 
 - Inside a worker, :func:`fail_fast` turns such an error into a :class:`DeterministicError`: its one-line message
   survives the trip to the Ray Train controller, where an exception's ``__cause__`` chain does not.
-- On the controller, ``pipelines.train.FailFastCallback`` ends the run at the first one instead of retrying it.
+- On the controller, ``pipelines.handoff.FailFastCallback`` ends the run at the first one instead of retrying it.
 - On the driver, :func:`deterministic_cause` finds it again in what ``trainer.fit`` raises.
 """
 

@@ -248,7 +248,7 @@ def _to_numpy(batch: TensorBatch) -> dict[str, np.ndarray]:
 @fail_fast  # a deterministic error (bad data, config or weights) ends the run instead of being retried
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"cfg": task config, "tracking_uri": str, "run_id": str, "weights":
-    the driver's :class:`pipelines.weights.ResolvedWeights` or None}."""
+    the driver's :class:`pipelines.handoff.ResolvedWeights` or None}."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -25,7 +25,6 @@ from ray.train import (
     RunConfig,
     ScalingConfig,
     TrainingFailedError,
-    UserCallback,
 )
 from ray.train.torch import TorchTrainer
 
@@ -36,8 +35,9 @@ from cvtasks.tasks.base import Task
 from pipelines import failures, tracking
 from pipelines.config import ConfigError, check_values
 from pipelines.data import build_split, should_cache
-from pipelines.loop import lr_factor, make_optimizer, train_loop_per_worker
-from pipelines.weights import ResolvedWeights, check_weights, put_weights
+from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
+from pipelines.loop import lr_factor, make_optimizer
+from pipelines.weights import check_weights, put_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +88,6 @@ def worker_cpus(requested: float, workers: int, cluster_cpus: float, held_cpus: 
     log.warning("%d workers x %g CPU would leave Ray Data no CPU on this %g-CPU cluster%s: using %.2f CPU per "
                 "worker", workers, requested, cluster_cpus, held, lowered)
     return lowered
-
-
-class FailFastCallback(UserCallback):
-    """Ends a Ray Train run at a worker's :class:`~pipelines.failures.DeterministicError` instead of retrying it.
-
-    Ray Train 2.60 retries every worker error up to ``FailureConfig.max_failures`` and has no per-error policy, but
-    it does not retry an error raised by a controller callback (a ``ControllerError``): raising here ends the run
-    after its first attempt, and ``fit`` raises a ``ControllerError`` carrying this error.
-    """
-
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        for rank, error in sorted(worker_exceptions.items()):
-            if isinstance(error, failures.DeterministicError):
-                log.error("worker %d: %s (not retried: every attempt would fail the same way)", rank, error)
-                raise error
 
 
 @contextmanager

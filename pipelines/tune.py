@@ -33,6 +33,7 @@ from cvtasks import storage as storage_paths  # noqa: E402
 from cvtasks.tasks import get_task  # noqa: E402
 from pipelines import failures, tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
+from pipelines.handoff import ResolvedWeights  # noqa: E402
 from pipelines.train import (  # noqa: E402
     cpus_for_training,
     default_storage,
@@ -40,7 +41,7 @@ from pipelines.train import (  # noqa: E402
     with_absolute_data_root,
     worker_cpus,
 )
-from pipelines.weights import ResolvedWeights, put_weights  # noqa: E402
+from pipelines.weights import put_weights  # noqa: E402
 
 log = logging.getLogger(__name__)
 

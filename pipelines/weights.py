@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -24,18 +23,11 @@ from torchvision.models import ResNet18_Weights
 from cvtasks.models import weights
 from cvtasks.tasks.base import Config, Task
 from pipelines import tracking
+from pipelines.handoff import ResolvedWeights
 
 log = logging.getLogger(__name__)
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
-
-
-@dataclass(frozen=True)
-class ResolvedWeights:
-    """A state dict in the Ray object store and where it came from (shown as the MLflow tag ``raycv.weights``)."""
-
-    ref: ray.ObjectRef
-    description: str
 
 
 def resolve_state_dict(spec: str, tracking_uri: str) -> tuple[weights.StateDict | None, str]:

@@ -107,8 +107,12 @@ def start_ray_cluster(env: dict[str, str]) -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="raycv-ray-"))
     port, dash = free_port(), free_port()
     gcs = f"127.0.0.1:{port}"
+    from pipelines.cluster import worker_pool_config  # imports ray: not before enable_token_auth
+
+    # The head's system config, which every node joining it takes: as raycv's own local Ray has it.
+    pool = json.dumps(worker_pool_config(NODE_CPUS))
     head = _ray_start(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                       f"--temp-dir={temp_dir / 'head'}"], env, gcs)
+                       f"--temp-dir={temp_dir / 'head'}", f"--system-config={pool}"], env, gcs)
     cluster = RayCluster(gcs_address=gcs, dashboard_url=f"http://127.0.0.1:{dash}", env=env, temp_dir=temp_dir,
                          head_session=head, worker_sessions=[])
     add_ray_node(cluster)

@@ -18,8 +18,9 @@ from ray.train import ControllerError
 from cvtasks.errors import DataFormatError
 from pipelines import cli, failures, tracking, tune
 from pipelines.config import ConfigError, check_values, load_config
+from pipelines.handoff import FailFastCallback
 from pipelines.loop import ATTEMPTS_TAG
-from pipelines.train import ERROR_TAG, FailFastCallback, check_config, preflight, resume_run_id, run_training
+from pipelines.train import ERROR_TAG, check_config, preflight, resume_run_id, run_training
 
 
 def _hotdog_root(tmp_path, classes=("hotdog", "not-hotdog"), val_classes=None):
