@@ -182,7 +182,12 @@ class ClassificationTask(Task):
         ]
         return grid(tiles)
 
-    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
+    def resolve_for_workers(self, cfg: Config) -> Config:
+        """Class names in the config (``data.class_names``): models are built from them on every worker."""
+        return {**cfg, "data": {**cfg["data"], "class_names": self.class_names(cfg)}}
+
+    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config,
+                        val_batch: TensorBatch | None = None) -> dict[str, Any]:
         """``metrics/val_confusion.json``: class names, the confusion matrix and per-class accuracy."""
         if "confusion" not in sums:
             return {}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import ray
 
+from pipelines import logs
+
 log = logging.getLogger(__name__)
 
 #: Where Ray looks for its token when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set.
@@ -46,18 +48,25 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logs.ray_log_level())
         log.info("connected to Ray cluster at %s", address)
     else:
         _require_token_auth()
+        # Inherited by every process of this local Ray: Ray Data's coordinators log each execution at INFO.
+        if not logs.verbose():
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
         # "local" starts a fresh instance even where `ray start` left a cluster running: no address means local.
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
         # workers' CPUs of a sweep trial that ASHA stopped are never released and the next trial waits forever.
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           log_to_driver=True, _system_config=worker_pool_config(num_cpus or os.cpu_count() or 1))
+                           log_to_driver=True, logging_level=logs.ray_log_level(),
+                           _system_config=worker_pool_config(num_cpus or os.cpu_count() or 1))
         log.info("started a local Ray with %s CPUs; dashboard http://%s", ray.cluster_resources().get("CPU"),
                  context.dashboard_url)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False  # the run's own bars say more (pipelines.progress)
+    data_context.print_on_execution_start = logs.verbose()  # each pipeline's plan, every epoch
+    logs.quiet_ray_loggers()
 
 
 def _require_token_auth() -> None:

@@ -19,6 +19,7 @@ than by an aggregation and a second materialised copy. A streamed split keeps no
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import logging
 from dataclasses import dataclass
@@ -61,6 +62,13 @@ class SplitData:
     rows: int
     cached: bool
     skipped: int | None  # rows dropped by the task's ``keep`` column; None when unknown (streamed, no skip_bad)
+    digest: str  # of the split's index (what is read, with which labels), before shuffling
+
+
+def index_digest(index: pd.DataFrame) -> str:
+    """A short digest of an index's rows: the same files and labels give the same digest. Hashed as CSV text, since
+    cells may hold lists or arrays (a detection image's boxes), which pandas' row hashing refuses."""
+    return hashlib.sha1(index.to_csv(index=False).encode()).hexdigest()[:16]
 
 
 def task_path(task: Task) -> str:
@@ -161,6 +169,7 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     index = task.index(cfg["data"]["root"], split, cfg)
     if index.empty:
         raise ValueError(f"{task.name}: split {split!r} under {cfg['data']['root']} has no samples")
+    digest = index_digest(index)
     if train:
         # Readers list samples in folder/class order: shuffle once here, and the block order every epoch below.
         index = index.sample(frac=1.0, random_state=int(cfg["train"]["seed"])).reset_index(drop=True)
@@ -198,4 +207,4 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
         batch_format="numpy",
         batch_size=augment_rows,
     )
-    return SplitData(dataset=ds, rows=len(index) - (skipped or 0), cached=cached, skipped=skipped)
+    return SplitData(dataset=ds, rows=len(index) - (skipped or 0), cached=cached, skipped=skipped, digest=digest)

@@ -132,14 +132,12 @@ def download(name: str, root: str | Path) -> str:
     For a URI the archive is fetched and unpacked in the local download cache (``$RAYCV_CACHE``, default
     ``~/.cache/raycv``; an interrupted download resumes there), then uploaded with the completion marker last.
     """
-    from pipelines.download import MARKER, SOURCES
+    from pipelines.download import MARKER, source_named
     from pipelines.download import download as fetch
 
     if not storage.is_uri(root):
         return str(fetch(name, root, progress=_log_progress))
-    if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}")
-    source = SOURCES[name]
+    name, source = source_named(name)
     if _remote_marker_is(str(root), source.top, MARKER, source.digest):
         log.info("%s: already at %s", name, storage.join(str(root), source.folder))
         return storage.join(str(root), source.folder)

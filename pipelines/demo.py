@@ -103,7 +103,7 @@ def _train(step: DemoStep, cfg: dict, tracking_uri: str) -> StepResult:
     from pipelines.train import run_training
 
     outcome = run_training(cfg, tracking_uri, run_tags={"raycv.demo_step": step.name},
-                           register_alias=LATEST_ALIAS)
+                           register_alias=LATEST_ALIAS, run_name=f"demo-{step.name}")
     metric = get_task(step.task).metric
     return StepResult(step.name, outcome.run_id, outcome.experiment_id, metric, outcome.metrics.get(metric, 0.0),
                       outcome.metrics.get("examples_per_sec", 0.0), outcome.wall_seconds)

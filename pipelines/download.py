@@ -77,9 +77,19 @@ SOURCES: dict[str, Source] = {
     "hotdog": Source(DATA_URL + "hotdog.zip", "sha1", "fba480ffa8aa7e0febbb511d181409f899b9baa5", "hotdog"),
     "banana": Source(DATA_URL + "banana-detection.zip", "sha1", "5de26c8fce5ccdea9f91267273464dc968d20d72",
                      "banana-detection"),
-    "voc2012": Source(DATA_URL + "VOCtrainval_11-May-2012.tar", "sha1", "4e443f8a2eca6b1dac8a6c57641b67dd40621a49",
-                      "VOCdevkit/VOC2012"),
+    "voc": Source(DATA_URL + "VOCtrainval_11-May-2012.tar", "sha1", "4e443f8a2eca6b1dac8a6c57641b67dd40621a49",
+                  "VOCdevkit/VOC2012"),
 }
+#: Other names a dataset answers to: the VOC task's dataset was called after its release.
+ALIASES = {"voc2012": "voc"}
+
+
+def source_named(name: str) -> tuple[str, Source]:
+    """(canonical name, source) of dataset ``name``: a task's name or an alias."""
+    name = ALIASES.get(name, name)
+    if name not in SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}")
+    return name, SOURCES[name]
 
 
 class DownloadError(RuntimeError):
@@ -92,9 +102,7 @@ def download(name: str, root: str | Path, progress: Progress | None = None, base
     Does nothing when an earlier call finished (its marker holds the expected checksum). ``progress(done, total)``
     receives byte counts while downloading (``total`` None when the server does not say).
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}")
-    source = SOURCES[name]
+    name, source = source_named(name)
     root = Path(root)
     target, marker = root / source.folder, root / source.top / MARKER
     if marker.is_file() and marker.read_text().strip() == source.digest:

@@ -1,9 +1,55 @@
-"""How raycv's own processes log: the CLI and the processes it spawns use the same format."""
+"""How raycv's processes log: one format for the CLI and what it spawns, and Ray's own INFO lines only with -v.
+
+Without -v a run prints raycv's lines, the progress bars and Ray's warnings; Ray's INFO lines (Ray Data execution
+plans, Ray Train's worker-group and checkpoint reports) still go to Ray's log files under its session folder.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+
+#: Set by ``raycv -v``; read by the driver-side code that configures Ray (and inherited by processes it starts).
+VERBOSE_ENV = "RAYCV_VERBOSE"
+#: Ray's loggers whose INFO lines only ``-v`` shows on the console.
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 
 
 def configure(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def set_verbose(verbose: bool) -> None:
+    """raycv's own lines at DEBUG and Ray's INFO lines shown when ``verbose``, else raycv's INFO and Ray's warnings."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    configure(logging.DEBUG if verbose else logging.INFO)
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def quiet_ray_loggers() -> None:
+    """Apply the levels of :func:`set_verbose` again: Ray Data configures its logger when first imported."""
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose() else logging.WARNING)
+
+
+def quiet_worker_loggers(verbose: bool) -> None:
+    """In a Ray Train worker: Ray Train's per-report lines and MLflow's system-metrics notices only with -v.
+
+    Ray 2.60 logs "Reporting training result ..." under a logger named by its source file, which Ray Train's own
+    ``LoggingConfig`` level does not reach.
+    """
+    from ray.train.v2._internal.execution import context as train_context
+
+    level = logging.INFO if verbose else logging.WARNING
+    for name in (train_context.__file__, "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(level)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def ray_log_level() -> str:
+    """The level of Ray's own loggers in every process of a run (Ray Train's ``LoggingConfig``)."""
+    return "INFO" if verbose() else "WARNING"

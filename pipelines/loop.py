@@ -21,24 +21,21 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from mlflow.tracking import MlflowClient
 from torch import nn
 
-from cvtasks.classification import ClassificationTask
 from cvtasks.errors import DataFormatError
 from cvtasks.models.weights import load_tensor_file
 from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Config, Task, TensorBatch
-from pipelines import tracking
+from pipelines import logs
 from pipelines.failures import fail_fast
-from pipelines.plots import learning_curves
+from pipelines.progress import EpochProgress, steps_per_epoch
+from pipelines.run_logging import FIRST_STEP_TAG, RunLogger, system_metrics
 from pipelines.weights import build_model
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
-#: Run tag counting how often the worker group started for the run: above 1 after a restart (failure, --resume).
-ATTEMPTS_TAG = "raycv.attempts"
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history")
 #: Training batches are drawn from a buffer of this many batches' rows, on top of the pipeline's shuffled blocks.
 SHUFFLE_BUFFER_BATCHES = 2
@@ -118,9 +115,10 @@ def _loss_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def run_epoch(
     task: Task, model: nn.Module, batches: Any, cfg: Config, device: torch.device, *,
-    optimizer: torch.optim.Optimizer | None = None, on_first_batch: Any = None,
+    optimizer: torch.optim.Optimizer | None = None, on_first_batch: Any = None, on_step: Any = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-    """One pass over ``batches``: trains when ``optimizer`` is given, else evaluates.
+    """One pass over ``batches``: trains when ``optimizer`` is given, else evaluates. ``on_first_batch(batch)`` sees
+    the first batch, ``on_step(examples, loss)`` follows every step.
 
     Returns (loss sums, task metric sums, number of examples), all local to this worker.
     """
@@ -147,6 +145,8 @@ def run_epoch(
                 with torch.no_grad():
                     _add(metric_acc, task.metric_sums(out, batch, cfg))
             seen += n
+            if on_step is not None:
+                on_step(n, loss.detach())
     return loss_acc, metric_acc, seen
 
 
@@ -157,58 +157,6 @@ def _epoch_metrics(
     if metric_sums:
         metrics.update({f"{prefix}{k}": float(v) for k, v in task.summarize(metric_sums, cfg).items()})
     return metrics, metric_sums
-
-
-class _MlflowLogger:
-    """Rank 0's MLflow side of the loop; every method is a no-op on other ranks."""
-
-    def __init__(self, tracking_uri: str, run_id: str, active: bool) -> None:
-        self.run_id = run_id
-        self.client = MlflowClient(tracking_uri) if active else None
-        self.logged: set[int] = set()  # epochs the MLflow run already has
-
-    def image(self, image: Any, path: str) -> None:
-        if self.client:
-            tracking.log_image(self.client, self.run_id, image, path)
-
-    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        if not self.client:
-            return
-        if epoch in self.logged:
-            log.warning("epoch %d is already in MLflow run %s from an interrupted attempt: keeping its first values",
-                        epoch, self.run_id)
-            return
-        tracking.log_epoch(self.client, self.run_id, epoch, metrics)
-
-    def start(self, history: list[dict[str, float]]) -> None:
-        """Replay the checkpoint's ``history`` (empty on a fresh start) and note the epochs the run has."""
-        if self.client:
-            self.logged = tracking.replay_history(self.client, self.run_id, history)
-
-    def tags(self, tags: dict[str, str]) -> None:
-        """Set ``tags`` and count this start of the worker group in ``raycv.attempts`` (1: no restart so far)."""
-        if self.client:
-            attempts = int(self.client.get_run(self.run_id).data.tags.get(ATTEMPTS_TAG, "0")) + 1
-            tracking.set_tags(self.client, self.run_id, {**tags, ATTEMPTS_TAG: str(attempts)})
-            if attempts > 1:
-                log.info("attempt %d of MLflow run %s (restarted from its last checkpoint)", attempts, self.run_id)
-
-    def finish(self, task: Task, model: nn.Module, cfg: Config, history: list[dict[str, float]],
-               val_batch: TensorBatch | None, val_sums: dict[str, torch.Tensor]) -> None:
-        if not self.client:
-            return
-        client = self.client
-        client.log_image(self.run_id, learning_curves(history), artifact_file="plots/learning_curves.png")
-        model.eval()
-        if val_batch is not None:
-            with torch.no_grad():
-                client.log_image(self.run_id, task.render_predictions(model, val_batch, cfg),
-                                 artifact_file="plots/val_predictions.png")
-        for name, value in task.extra_artifacts(model, val_sums, cfg).items():
-            tracking.log_artifact_value(client, self.run_id, name, value)
-        # Tensors only (never a pickled model): predict and model.weights rebuild it with the task's build_model.
-        class_names = task.class_names(cfg) if isinstance(task, ClassificationTask) else None
-        tracking.log_model_state(client, self.run_id, model.state_dict(), class_names)
 
 
 def _save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -249,7 +197,9 @@ def _to_numpy(batch: TensorBatch) -> dict[str, np.ndarray]:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"cfg": task config, "tracking_uri": str, "run_id": str, "weights":
     the driver's :class:`pipelines.handoff.ResolvedWeights` or None}."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if config.get("verbose") else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logs.quiet_worker_loggers(bool(config.get("verbose")))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = config["cfg"]
@@ -259,11 +209,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     threads = int(cfg["scaling"]["torch_threads"])
     if threads:
         torch.set_num_threads(threads)
-    log.info("rank %d of %d on %s with %d torch threads", rank, world, device, torch.get_num_threads())
+    log.debug("rank %d of %d on %s with %d torch threads", rank, world, device, torch.get_num_threads())
     model = build_model(task, cfg, config.get("weights"))
     raw_model = model
     optimizer = make_optimizer(task.param_groups(model, cfg), cfg["optim"])
-    logger = _MlflowLogger(config["tracking_uri"], config["run_id"], active=rank == 0)
+    logger = RunLogger(config["tracking_uri"], config["run_id"], active=rank == 0)
 
     start_epoch, history = 0, []
     tags = {"raycv.torch_threads": str(torch.get_num_threads()),  # examples/sec depend on it
@@ -293,43 +243,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_batch = batch
 
     def preview(batch: TensorBatch) -> None:
+        if checkpoint is None:  # the run's very first step: where its start-up time ends
+            logger.mark({FIRST_STEP_TAG: f"{time.time():.3f}"})
         logger.image(task.render_inputs(_to_numpy(batch), cfg), "plots/train_augmented.png")
 
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
-        lr = float(cfg["optim"]["lr"]) * lr_factor(cfg["optim"]["schedule"], epoch, epochs)
-        set_learning_rate(optimizer, lr)
-        train_shard = ray.train.get_dataset_shard("train")
-        loss_sums, metric_sums, seen = run_epoch(
-            task, model, train_shard.iter_torch_batches(
-                batch_size=batch_size, device=device, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
-            ), cfg, device,
-            optimizer=optimizer, on_first_batch=preview if epoch == start_epoch and rank == 0 else None,
-        )
-        train_seconds = time.perf_counter() - started
-        val_shard = ray.train.get_dataset_shard("val")
-        val_loss, val_metric, _ = run_epoch(
-            task, model, val_shard.iter_torch_batches(batch_size=eval_batch_size, device=device), cfg, device,
-            on_first_batch=keep_val_batch if epoch == epochs - 1 else None,
-        )
-        throughput = _all_reduce({"seen": torch.tensor(float(seen)), "seconds": torch.tensor(train_seconds)}, device)
-        metrics, _ = _epoch_metrics(task, cfg, "train_", _all_reduce(loss_sums, device),
-                                    _all_reduce(metric_sums, device))
-        val_sums = _all_reduce(val_metric, device)
-        val_metrics, _ = _epoch_metrics(task, cfg, "val_", _all_reduce(val_loss, device), val_sums)
-        metrics.update(val_metrics)
-        # Workers train concurrently: the epoch's throughput is all examples over the mean worker time.
-        metrics["examples_per_sec"] = float(throughput["seen"]) / (float(throughput["seconds"]) / world)
-        metrics["lr"] = lr
-        metrics["epoch"] = epoch
-        history.append(metrics)
-        with tempfile.TemporaryDirectory() as directory:
-            ckpt = _save_checkpoint(directory, raw_model, optimizer, epoch, history) if rank == 0 else None
-            ray.train.report(metrics, checkpoint=ckpt)
-        if epoch == fail_at and checkpoint is None:
-            raise RuntimeError(f"injected failure after epoch {epoch} (train.inject_failure_at_epoch)")
-        logger.epoch(epoch, metrics)
-        if rank == 0:
-            log.info("epoch %d/%d %s", epoch + 1, epochs,
-                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-    logger.finish(task, raw_model, cfg, history, val_batch, val_sums)
+    with system_metrics(config["tracking_uri"], config["run_id"], rank, world, resumed=checkpoint is not None):
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            lr = float(cfg["optim"]["lr"]) * lr_factor(cfg["optim"]["schedule"], epoch, epochs)
+            set_learning_rate(optimizer, lr)
+            train_shard = ray.train.get_dataset_shard("train")
+            bar = EpochProgress(epoch, epochs, steps_per_epoch(config["train_rows"], world, batch_size)) \
+                if rank == 0 else None
+            loss_sums, metric_sums, seen = run_epoch(
+                task, model, train_shard.iter_torch_batches(
+                    batch_size=batch_size, device=device, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+                ), cfg, device,
+                optimizer=optimizer, on_first_batch=preview if epoch == start_epoch and rank == 0 else None,
+                on_step=bar.step if bar else None,
+            )
+            if bar:
+                bar.close()
+            train_seconds = time.perf_counter() - started
+            val_shard = ray.train.get_dataset_shard("val")
+            val_loss, val_metric, _ = run_epoch(
+                task, model, val_shard.iter_torch_batches(batch_size=eval_batch_size, device=device), cfg, device,
+                on_first_batch=keep_val_batch if epoch == epochs - 1 else None,
+            )
+            throughput = _all_reduce({"seen": torch.tensor(float(seen)), "seconds": torch.tensor(train_seconds)},
+                                     device)
+            metrics, _ = _epoch_metrics(task, cfg, "train_", _all_reduce(loss_sums, device),
+                                        _all_reduce(metric_sums, device))
+            val_sums = _all_reduce(val_metric, device)
+            val_metrics, _ = _epoch_metrics(task, cfg, "val_", _all_reduce(val_loss, device), val_sums)
+            metrics.update(val_metrics)
+            # Workers train concurrently: the epoch's throughput is all examples over the mean worker time.
+            metrics["examples_per_sec"] = float(throughput["seen"]) / (float(throughput["seconds"]) / world)
+            metrics["lr"] = lr
+            metrics["epoch"] = epoch
+            history.append(metrics)
+            with tempfile.TemporaryDirectory() as directory:
+                ckpt = _save_checkpoint(directory, raw_model, optimizer, epoch, history) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=ckpt)
+            if epoch == fail_at and checkpoint is None:
+                raise RuntimeError(f"injected failure after epoch {epoch} (train.inject_failure_at_epoch)")
+            logger.epoch(epoch, metrics)
+            if rank == 0:
+                log.info("epoch %d/%d %s", epoch + 1, epochs,
+                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        logger.finish(task, raw_model, cfg, history, val_batch, val_sums)

@@ -22,7 +22,7 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -119,6 +119,28 @@ def create_run(
     log_params(client, run_id, {k: v for k, v in cfg.items() if k != "search"})
     client.log_dict(run_id, cfg, "config.yaml")
     return run_id
+
+
+def run_name(task: str, what: str) -> str:
+    """A run's name in the MLflow UI, saying what ran and when: ``cifar10-2w-1202-0042``, ``hotdog-sweep-...``."""
+    return f"{task}-{what}-{time.strftime('%m%d-%H%M')}"
+
+
+def describe_run(client: MlflowClient, run_id: str, text: str) -> None:
+    """The run's description (MLflow's note, shown at the top of the run's page)."""
+    client.set_tag(run_id, "mlflow.note.content", text)
+
+
+def log_dataset(client: MlflowClient, run_id: str, name: str, source: str, split: str, digest: str,
+                rows: int, skipped: int | None) -> None:
+    """One split of the run's input dataset, shown in the runs table's Dataset column and on the run's page.
+
+    ``digest`` identifies the split's index (files and labels), so runs that read the same data show the same one.
+    """
+    profile = {"num_rows": rows, **({"skipped_rows": skipped} if skipped is not None else {})}
+    dataset = Dataset(name=name, digest=digest, source_type="s3" if source.startswith("s3://") else "local",
+                      source=json.dumps({"uri": source}), profile=json.dumps(profile))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)])])
 
 
 def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from ray.train import (
     CheckpointConfig,
     DataConfig,
     FailureConfig,
+    LoggingConfig,
     RunConfig,
     ScalingConfig,
     TrainingFailedError,
@@ -32,11 +33,12 @@ from cvtasks import storage as storage_paths
 from cvtasks.errors import DataFormatError
 from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Task
-from pipelines import failures, tracking
+from pipelines import failures, logs, tracking
 from pipelines.config import ConfigError, check_values
 from pipelines.data import build_split, should_cache
 from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
 from pipelines.loop import lr_factor, make_optimizer
+from pipelines.run_logging import FIRST_STEP_TAG
 from pipelines.weights import check_weights, put_weights
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class TrainOutcome:
     metrics: dict[str, Any]
     wall_seconds: float
     registered_version: str | None = None  # the model's version of raycv-<task> (alias ``latest``), if registered
+    #: where the seconds went, in order (also the run's ``seconds_*`` metrics)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def default_storage() -> str:
@@ -168,13 +172,15 @@ def scaling_config(cfg: dict, held_cpus: float = 0.0) -> ScalingConfig:
 
 def _open_run(
     client: MlflowClient, cfg: dict, resume: str | None, storage: str, parent_run_id: str | None,
-    run_tags: dict[str, str] | None,
+    run_tags: dict[str, str] | None, run_name: str | None,
 ) -> tuple[str, str]:
     """(run_id, Ray Train run name): a new MLflow run, or the one being resumed."""
     task = cfg["task"]
     if resume is None:
-        tags = {"raycv.kind": "train", **(run_tags or {})}
-        run_id = tracking.create_run(client, task, cfg, tags=tags, parent_run_id=parent_run_id)
+        tags = {"raycv.kind": "train", "raycv.metric": get_task(task).metric, **(run_tags or {})}
+        workers = cfg["scaling"]["workers"]
+        run_id = tracking.create_run(client, task, cfg, run_name=run_name or tracking.run_name(task, f"{workers}w"),
+                                     tags=tags, parent_run_id=parent_run_id)
         name = f"{task}-{run_id[:12]}"
         tracking.set_tags(client, run_id, {"raycv.train_name": name, "raycv.storage": storage})
         return run_id, name
@@ -185,6 +191,20 @@ def _open_run(
         raise ValueError(f"--resume: MLflow run {run_id} is not a raycv training run")
     client.update_run(run_id, status="RUNNING")
     return run_id, name
+
+
+def _describe_inputs(client: MlflowClient, run_id: str, task: Task, cfg: dict, splits: dict[str, Any]) -> None:
+    """The run's dataset splits as MLflow inputs and a one-paragraph description of what the run does."""
+    source = storage_paths.join(str(cfg["data"]["root"]), str(cfg["data"].get("dataset") or task.name))
+    name = str(cfg["data"].get("dataset") or task.name)
+    for split, data in splits.items():
+        tracking.log_dataset(client, run_id, name, source, split, data.digest, data.rows, data.skipped)
+    scaling = cfg["scaling"]
+    tracking.describe_run(client, run_id, (
+        f"raycv train {task.name}: {cfg['train']['epochs']} epochs on {name} ({splits['train'].rows} train / "
+        f"{splits['val'].rows} val samples from {source}), {scaling['workers']} Ray Train worker(s). Headline "
+        f"metric: {task.metric} (per epoch; the runs table sorts by its latest value). Everything else: the params "
+        f"(the whole config, also as config.yaml), plots/ and metrics/; the model is model/state_dict.pt."))
 
 
 def resume_run_id(client: MlflowClient, task: str, resume: str) -> str:
@@ -230,6 +250,7 @@ def run_training(
     cfg: dict, tracking_uri: str, resume: str | None = None, storage: str | None = None, *,
     run_tags: dict[str, str] | None = None, parent_run_id: str | None = None, callbacks: list | None = None,
     held_cpus: float = 0.0, weights: ResolvedWeights | None = None, register_alias: str | None = None,
+    run_name: str | None = None,
 ) -> TrainOutcome:
     """Train ``cfg["task"]`` with Ray Train and track it in MLflow.
 
@@ -237,34 +258,33 @@ def run_training(
     (sweeps); ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback`` inside a sweep trial);
     ``held_cpus``: CPUs the processes driving this run hold besides its workers (a sweep's trial functions);
     ``weights``: ``model.weights`` already read by a sweep's driver (else read here); ``register_alias``: register
-    the finished run's model as a new version of ``raycv-<task>`` and point this alias at it.
+    the finished run's model as a new version of ``raycv-<task>`` and point this alias at it; ``run_name``: the
+    new run's name in MLflow (default: task, workers and the date).
     """
     started = time.perf_counter()
     task = get_task(cfg["task"])
     check_config(cfg)
     # Read and checked here, once: workers get it from the object store.
     weights = weights or put_weights(cfg, tracking_uri)
-    cfg = with_absolute_data_root(cfg)
+    cfg = task.resolve_for_workers(with_absolute_data_root(cfg))
     client = MlflowClient(tracking_uri)
     storage = storage or default_storage()
-    run_id, name = _open_run(client, cfg, resume, storage, parent_run_id, run_tags)
+    run_id, name = _open_run(client, cfg, resume, storage, parent_run_id, run_tags, run_name)
     if resume:
         storage = client.get_run(run_id).data.tags.get("raycv.storage", storage)
     experiment_id = client.get_run(run_id).info.experiment_id
     log.info("MLflow: %s", tracking.run_url(tracking_uri, experiment_id, run_id))
+    phases = {"weights and MLflow run": time.perf_counter() - started}
     try:
         _raise_original_data_errors()
         train = build_split(task, cfg, "train", train=True)
         val = build_split(task, cfg, "val", train=False)
-        data_stats = {"data_train_rows": train.rows, "data_val_rows": val.rows}
-        for split, data in (("train", train), ("val", val)):
-            if data.skipped is not None:
-                data_stats[f"data_{split}_skipped"] = data.skipped
-        client.log_batch(run_id, metrics=[tracking.Metric(k, float(v), int(time.time() * 1000), 0)
-                                          for k, v in data_stats.items()])
+        if not resume:
+            _describe_inputs(client, run_id, task, cfg, {"train": train, "val": val})
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg, "tracking_uri": tracking_uri, "run_id": run_id, "weights": weights},
+            train_loop_config={"cfg": cfg, "tracking_uri": tracking_uri, "run_id": run_id, "weights": weights,
+                               "train_rows": train.rows, "verbose": logs.verbose()},
             scaling_config=scaling_config(cfg, held_cpus),
             run_config=RunConfig(
                 name=name,
@@ -272,12 +292,16 @@ def run_training(
                 failure_config=FailureConfig(max_failures=int(cfg["train"]["max_failures"])),
                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                 callbacks=[*(callbacks or []), FailFastCallback()],
+                logging_config=LoggingConfig(log_level=logs.ray_log_level()),
             ),
             datasets={"train": train.dataset, "val": val.dataset},
             dataset_config=DataConfig(datasets_to_split="all"),
         )
+        phases["data pipelines"] = time.perf_counter() - started - sum(phases.values())
+        fit_started = time.time()
         with _sigint_handler_restored():
             result = trainer.fit()
+        phases.update(_fit_phases(client, run_id, fit_started, time.time()))
     except BaseException as error:
         _record_failure(client, run_id, error)
         cause = failures.deterministic_cause(error)
@@ -288,10 +312,25 @@ def run_training(
                                     f"retries: {failures.one_line(error)}") from error
         raise
     wall = time.perf_counter() - started
-    client.log_metric(run_id, "wall_seconds", wall)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[tracking.Metric("wall_seconds", wall, now, 0)] + [
+        tracking.Metric(f"seconds_{name.replace(' ', '_')}", value, now, 0) for name, value in phases.items()])
     client.set_terminated(run_id, status="FINISHED")
+    registered = time.perf_counter()
+    version = _register(client, cfg["task"], run_id, register_alias)
+    if version:
+        phases["model registry"] = time.perf_counter() - registered
     return TrainOutcome(run_id=run_id, experiment_id=experiment_id, metrics=dict(result.metrics or {}),
-                        wall_seconds=wall, registered_version=_register(client, cfg["task"], run_id, register_alias))
+                        wall_seconds=wall, registered_version=version, phases=phases)
+
+
+def _fit_phases(client: MlflowClient, run_id: str, started: float, ended: float) -> dict[str, float]:
+    """Ray Train's share of a run: its worker group's start until rank 0's first training batch, then training
+    (with evaluation and model logging); one "training" phase when the run was resumed (no first step then)."""
+    first = client.get_run(run_id).data.tags.get(FIRST_STEP_TAG)
+    if first is None or not started <= float(first) <= ended:
+        return {"training": ended - started}
+    return {"worker group to first step": float(first) - started, "training": ended - float(first)}
 
 
 def _register(client: MlflowClient, task: str, run_id: str, alias: str | None) -> str | None:

@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 
 from cvtasks import storage as storage_paths  # noqa: E402
 from cvtasks.tasks import get_task  # noqa: E402
-from pipelines import failures, tracking  # noqa: E402
+from pipelines import failures, logs, tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
 from pipelines.handoff import ResolvedWeights  # noqa: E402
 from pipelines.train import (  # noqa: E402
@@ -109,7 +109,7 @@ def sweep_trial(config: dict[str, Any], weights: ResolvedWeights | None = None) 
     run_training(
         cfg, config["tracking_uri"], resume=existing, storage=config["storage"],
         run_tags=tags, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()],
-        held_cpus=config["held_cpus"], weights=weights,
+        held_cpus=config["held_cpus"], weights=weights, run_name=f"{cfg['task']}-{context.get_trial_name()}",
     )
 
 
@@ -138,6 +138,8 @@ class SweepPlan:
     train_scaling: dict[str, Any] | None = None
     #: (config, tracking URI) -> keyword arguments resolved once on the driver for every trial (tune.with_parameters)
     shared: Callable[[dict, str], dict[str, Any]] | None = None
+    #: the base config with what trials would read from the dataset resolved on the driver (trials run on any node)
+    resolve: Callable[[dict], dict] = lambda cfg: cfg
 
 
 def sweep_plan(cfg: dict) -> SweepPlan:
@@ -151,7 +153,8 @@ def sweep_plan(cfg: dict) -> SweepPlan:
         return getattr(importlib.import_module(module), function)(cfg)
     return SweepPlan(trainable=sweep_trial, resources={"CPU": TRIAL_DRIVER_CPUS}, metric=get_task(cfg["task"]).metric,
                      mode="max", max_t=int(cfg["train"]["epochs"]) + 1, register_model=True,
-                     train_scaling=cfg["scaling"], shared=shared_weights)
+                     train_scaling=cfg["scaling"], shared=shared_weights,
+                     resolve=get_task(cfg["task"]).resolve_for_workers)
 
 
 def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cluster_cpus: float,
@@ -206,7 +209,8 @@ def run_sweep(
             raise ValueError(f"--resume: no MLflow sweep run records the Tune experiment {experiment_path}")
         client.update_run(parent_run_id, status="RUNNING")
     else:
-        parent_run_id = tracking.create_run(client, cfg["task"], cfg, tags={"raycv.kind": "sweep"})
+        parent_run_id = tracking.create_run(client, cfg["task"], cfg, run_name=tracking.run_name(cfg["task"], "sweep"),
+                                            tags={"raycv.kind": "sweep", "raycv.metric": plan.metric})
         experiment_path = f"{storage}/sweep-{cfg['task']}-{parent_run_id[:12]}"
         tracking.set_tags(client, parent_run_id, {
             "raycv.sweep_path": experiment_path, "raycv.scheduler": scheduler,
@@ -222,7 +226,7 @@ def run_sweep(
     driver_cpus = plan.resources.get("CPU", 0.0)
     max_concurrent = fitting_concurrency(max_concurrent, plan.train_scaling,
                                          float(ray.cluster_resources().get("CPU", 0.0)), driver_cpus)
-    base = {k: v for k, v in with_absolute_data_root(cfg).items() if k != "search"}
+    base = {k: v for k, v in plan.resolve(with_absolute_data_root(cfg)).items() if k != "search"}
     param_space = {
         "base": base, "sampled": space, "tracking_uri": tracking_uri,
         "parent_run_id": parent_run_id, "storage": storage,
@@ -242,9 +246,8 @@ def run_sweep(
                     metric=plan.metric, mode=plan.mode, num_samples=num_samples,
                     scheduler=make_scheduler(scheduler, plan.max_t), max_concurrent_trials=max_concurrent,
                 ),
-                run_config=tune.RunConfig(
-                    name=name, storage_path=storage_path,
-                ),
+                # 1: the status table of sampled hyperparameters and metrics; 2 (-v) adds every trial's whole config
+                run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=2 if logs.verbose() else 1),
             )
         results = tuner.fit()
     except BaseException:

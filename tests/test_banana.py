@@ -407,7 +407,7 @@ def test_task_trains_evaluates_renders_and_predicts(demo_root, tmp_path):
     assert sums["gt_count"].sum() == (batch["boxes"][..., 0] >= 0).sum()
     assert task.render_inputs(batch, cfg).size[0] > 4 * 64
     assert task.render_predictions(model, tensors, cfg).size[0] > 4 * 64
-    artifacts = task.extra_artifacts(model, sums, cfg)
+    artifacts = task.extra_artifacts(model, sums, cfg, tensors)
     assert artifacts["plots/anchors_one_cell.png"].size[0] > 5 * 64
     assert set(artifacts["metrics/val_ap50_per_class.json"]) == {"banana", "apple"}
 

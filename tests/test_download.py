@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from cvtasks import storage
 from cvtasks.demo import cifar as cifar_demo
@@ -22,6 +23,7 @@ from cvtasks.errors import DataFormatError
 from cvtasks.formats import cifar, imagefolder, voc
 from pipelines import cli
 from pipelines import download as dl
+from pipelines import weights as pw
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -144,10 +146,10 @@ def test_voc_tar_lands_where_the_reader_looks(server, monkeypatch, tmp_path):
     src = tmp_path / "src"
     voc_demo.write(src, seed=0, n_train=3, n_val=2, min_side=40, max_side=60)
     data = tar_of(src / "VOCdevkit", "VOCdevkit", mode="w")
-    serve(server, monkeypatch, "voc2012", "VOCtrainval_11-May-2012.tar", data, "VOCdevkit/VOC2012")
+    serve(server, monkeypatch, "voc", "VOCtrainval_11-May-2012.tar", data, "VOCdevkit/VOC2012")
     root = tmp_path / "real"
 
-    assert dl.download("voc2012", root) == root / "VOCdevkit" / "VOC2012"
+    assert dl.download("voc", root) == root / "VOCdevkit" / "VOC2012"
     assert len(voc.index(str(root), "train")) == 3 and len(voc.index(str(root), "val")) == 2
 
 
@@ -233,9 +235,9 @@ def test_tar_links_are_rejected(server, monkeypatch, tmp_path):
         link = tarfile.TarInfo("VOCdevkit/VOC2012/escape")
         link.type, link.linkname = tarfile.SYMTYPE, "/etc"
         tf.addfile(link)
-    serve(server, monkeypatch, "voc2012", "VOCtrainval_11-May-2012.tar", buf.getvalue(), "VOCdevkit/VOC2012")
+    serve(server, monkeypatch, "voc", "VOCtrainval_11-May-2012.tar", buf.getvalue(), "VOCdevkit/VOC2012")
     with pytest.raises(DataFormatError, match="link or special file"):
-        dl.download("voc2012", tmp_path)
+        dl.download("voc", tmp_path)
 
 
 def test_archive_without_the_expected_folder_is_an_error(server, monkeypatch, tmp_path):
@@ -248,8 +250,13 @@ def test_archive_without_the_expected_folder_is_an_error(server, monkeypatch, tm
     assert not (tmp_path / "banana-detection").exists()
 
 
+def test_datasets_are_named_after_their_tasks_and_voc2012_still_works():
+    assert set(dl.SOURCES) == {"cifar10", "hotdog", "banana", "voc"}
+    assert dl.source_named("voc2012") == ("voc", dl.SOURCES["voc"])
+
+
 def test_unknown_name_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="known: cifar10, hotdog, banana, voc2012"):
+    with pytest.raises(ValueError, match="known: cifar10, hotdog, banana, voc"):
         dl.download("imagenet", tmp_path)
 
 
@@ -275,8 +282,8 @@ def test_existing_folder_not_from_a_download_is_left_alone(server, monkeypatch, 
 def test_the_real_table_holds_the_published_checksums():
     assert dl.SOURCES["hotdog"].digest == "fba480ffa8aa7e0febbb511d181409f899b9baa5"
     assert dl.SOURCES["banana"].digest == "5de26c8fce5ccdea9f91267273464dc968d20d72"
-    assert dl.SOURCES["voc2012"].digest == "4e443f8a2eca6b1dac8a6c57641b67dd40621a49"
-    assert dl.SOURCES["voc2012"].url == dl.DATA_URL + "VOCtrainval_11-May-2012.tar"
+    assert dl.SOURCES["voc"].digest == "4e443f8a2eca6b1dac8a6c57641b67dd40621a49"
+    assert dl.SOURCES["voc"].url == dl.DATA_URL + "VOCtrainval_11-May-2012.tar"
     assert all(len(s.digest) == hashlib.new(s.algorithm).digest_size * 2 for s in dl.SOURCES.values())
 
 
@@ -297,3 +304,61 @@ def test_cli_downloads_to_s3_through_the_local_cache(server, monkeypatch, tmp_pa
     requests = len(server.requests)
     assert cli.main(["data", "download", "hotdog", "--root", root]) == 0
     assert len(server.requests) == requests
+
+
+# --- pretrained weights: downloaded once, on the driver ----------------------------------------------------------
+
+
+class _TinyEntry:
+    """Stands in for a torchvision weights entry whose file a test serves."""
+
+    name = "IMAGENET1K_V1"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+def _tiny_weights(data: bytes, digest_of: bytes | None = None) -> type:
+    """A weights "enum" whose file name carries the SHA-256 prefix of ``digest_of`` (default: ``data``)."""
+    prefix = hashlib.sha256(digest_of or data).hexdigest()[:8]
+    return type("TinyWeights", (), {"DEFAULT": _TinyEntry(f"https://download.pytorch.org/models/tiny-{prefix}.pth")})
+
+
+def _state_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, buf)
+    return buf.getvalue()
+
+
+def test_imagenet_weights_download_once_into_the_hub_cache_with_the_hash_check(server, monkeypatch, tmp_path):
+    data = _state_bytes()
+    tiny = _tiny_weights(data)
+    server.files[Path(tiny.DEFAULT.url).name] = data
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setenv(pw.WEIGHTS_URL_ENV, server.url)
+    pw.fetch_imagenet(tiny)
+    cached = tmp_path / "hub" / "checkpoints" / Path(tiny.DEFAULT.url).name
+    assert cached.read_bytes() == data
+    pw.fetch_imagenet(tiny)  # cached: no second download
+    assert len(server.requests) == 1
+
+
+def test_imagenet_weights_with_a_wrong_hash_are_refused_and_not_cached(server, monkeypatch, tmp_path):
+    data = _state_bytes()
+    tiny = _tiny_weights(data, digest_of=b"other bytes")
+    server.files[Path(tiny.DEFAULT.url).name] = data
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setenv(pw.WEIGHTS_URL_ENV, server.url)
+    with pytest.raises(DataFormatError, match="hash"):
+        pw.fetch_imagenet(tiny)
+    assert not list((tmp_path / "hub" / "checkpoints").iterdir())
+
+
+def test_imagenet_weights_offline_fail_in_one_line_with_the_alternatives(server, monkeypatch, tmp_path):
+    tiny = _tiny_weights(b"never served")
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setenv(pw.WEIGHTS_URL_ENV, server.url)  # answers 404, as a mirror without the file
+    with pytest.raises(FileNotFoundError) as err:
+        pw.fetch_imagenet(tiny)
+    message = str(err.value)
+    assert "\n" not in message and "not in the torch hub cache" in message and "model.weights=scratch" in message

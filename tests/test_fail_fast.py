@@ -19,7 +19,7 @@ from cvtasks.errors import DataFormatError
 from pipelines import cli, failures, tracking, tune
 from pipelines.config import ConfigError, check_values, load_config
 from pipelines.handoff import FailFastCallback
-from pipelines.loop import ATTEMPTS_TAG
+from pipelines.run_logging import ATTEMPTS_TAG
 from pipelines.train import ERROR_TAG, check_config, preflight, resume_run_id, run_training
 
 
@@ -108,13 +108,15 @@ def test_cli_fails_in_one_line_before_ray_starts(command, args, message, capsys,
 
 @pytest.mark.parametrize("command", ["train", "tune"])
 @pytest.mark.parametrize("weights, message", [
-    ("imagenet", "needs ResNet18_Weights.IMAGENET1K_V1 in the local torch hub cache"),  # hotdog's default
+    # hotdog's default, offline (the mirror refuses): one line with the alternatives
+    ("imagenet", "ResNet18_Weights.IMAGENET1K_V1 is not in the torch hub cache"),
     ("/nonexistent/weights.pt", "neither scratch, imagenet nor an existing file"),
     ("runs:/0123456789abcdef/model", "model.weights runs:/0123456789abcdef/model"),
 ])
 def test_cli_missing_weights_fail_in_one_line_before_ray_starts(command, weights, message, capsys, tmp_path,
                                                                  monkeypatch, ray_connects):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.setenv("RAYCV_WEIGHTS_URL", "http://127.0.0.1:9")  # nothing listens there: as offline
     root = _hotdog_root(tmp_path)
     code, lines, seconds = _cli([command, "hotdog", "--data-root", str(root), "--set", f"model.weights={weights}",
                                  "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], capsys)

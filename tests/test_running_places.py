@@ -63,6 +63,9 @@ def test_resume_continues_the_same_mlflow_run(ray_cluster, mlflow_server, demo_r
             "scaling.torch_threads=2"]
     first_cfg = load_config("hotdog", overrides=[*base, "train.epochs=1"])
     first = run_training(first_cfg, mlflow_server.url, storage=str(tmp_path))
+    assert list(first.phases) == ["weights and MLflow run", "data pipelines", "worker group to first step",
+                                  "training"]
+    assert all(seconds > 0 for seconds in first.phases.values())
     resumed = run_training(load_config("hotdog", overrides=[*base, "train.epochs=2"]), mlflow_server.url,
                            resume=first.run_id)
     assert resumed.run_id == first.run_id
@@ -77,15 +80,30 @@ def test_resume_continues_the_same_mlflow_run(ray_cluster, mlflow_server, demo_r
 
 
 def test_local_cli_train_then_predict(demo_root, tmp_path):
-    """No cluster address: `raycv train` starts its own local Ray; `raycv predict` uses the logged model."""
+    """No cluster address: `raycv train` starts its own local Ray; `raycv predict` uses the logged model. Also what a
+    newcomer sees: quiet output with a progress bar and where the seconds went, and a run that explains itself."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [arg for item in HOTDOG_FAST for arg in ("--set", item)]
-    _run([str(BIN / "raycv"), "train", "hotdog", "--data-root", str(demo_root), "--epochs", "1",
-          "--set", "model.weights=scratch", *sets, "--tracking-uri", tracking,
-          "--storage", str(tmp_path / "ray_results")], env)
+    trained = _run([str(BIN / "raycv"), "train", "hotdog", "--data-root", str(demo_root), "--epochs", "1",
+                    "--set", "model.weights=scratch", *sets, "--tracking-uri", tracking,
+                    "--storage", str(tmp_path / "ray_results")], env)
+    console = trained.stdout + trained.stderr
+    for internal in ("Execution plan of Dataset", "Reporting training result", "Checkpoint successfully created",
+                     "Started training worker group"):
+        assert internal not in console, internal  # Ray's INFO lines only with -v
+    assert "step/s]" in console  # rank 0's progress bar (tqdm), drawn on the driver
+    assert console.count("\nseconds: start-up ") == 1
     client = MlflowClient(tracking)
     run = client.search_runs([client.get_experiment_by_name("raycv-hotdog").experiment_id])[0]
+    assert run.info.run_name.startswith("hotdog-1w-")
+    assert run.data.tags["raycv.metric"] == "val_acc" and "val_acc" in run.data.tags["mlflow.note.content"]
+    inputs = {tag.value: item.dataset for item in run.inputs.dataset_inputs for tag in item.tags}
+    assert set(inputs) == {"train", "val"}
+    assert json.loads(inputs["train"].source)["uri"] == str(demo_root / "hotdog")
+    assert json.loads(inputs["val"].profile)["num_rows"] == 200
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert run.data.metrics["seconds_worker_group_to_first_step"] > 0
     images = sorted((demo_root / "hotdog" / "test" / "hotdog").glob("*.png"))[:2]
     out = tmp_path / "predictions"
     _run([str(BIN / "raycv"), "predict", "hotdog", "--model", f"runs:/{run.info.run_id}/model",

@@ -202,10 +202,13 @@ class BananaTask(Task):
                  for im, b, rows in zip(display(images), truth, found, strict=True)]
         return image_grid([tiles[i : i + RENDER_COLUMNS] for i in range(0, len(tiles), RENDER_COLUMNS)])
 
-    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
+    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config,
+                        val_batch: TensorBatch | None = None) -> dict[str, Any]:
         """``plots/anchors_one_cell.png`` (the anchors of the centre cell of each feature map, over the first
-        validation image) and ``metrics/val_ap50_per_class.json``."""
-        out: dict[str, Any] = {"plots/anchors_one_cell.png": self.anchor_picture(model, cfg)}
+        image of ``val_batch``) and ``metrics/val_ap50_per_class.json``."""
+        out: dict[str, Any] = {}
+        if val_batch is not None:
+            out["plots/anchors_one_cell.png"] = self.anchor_picture(model, val_batch["image"][:1])
         if "tp_hist" in sums:
             ap = det.average_precision(sums["tp_hist"], sums["fp_hist"], sums["gt_count"])
             out["metrics/val_ap50_per_class.json"] = {
@@ -214,14 +217,12 @@ class BananaTask(Task):
             }
         return out
 
-    def anchor_picture(self, model: nn.Module, cfg: Config) -> Image.Image:
-        """One tile per feature map: the first validation image with the anchors of that map's centre cell."""
-        first = self.index(cfg["data"]["root"], "val", cfg).iloc[0]
-        size = int(cfg["augment"]["size"])
-        image = resize(decode_rgb(storage.read_bytes(first["path"]), first["path"]), size)
+    def anchor_picture(self, model: nn.Module, x: torch.Tensor) -> Image.Image:
+        """One tile per feature map: model-ready image ``x`` (1, 3, size, size) with the anchors of that map's
+        centre cell (an image from the stream: a worker does not read the dataset's folder itself)."""
+        image, size = display(x)[0], int(x.shape[-1])
         ssd: TinySSD = model.module if hasattr(model, "module") else model
-        device = next(ssd.parameters()).device
-        x = torch.from_numpy(T.to_nchw(T.to_unit_float(image[None]))).to(device)
+        x = x.to(next(ssd.parameters()).device)
         with torch.no_grad():
             maps = ssd.feature_maps(x)
             scale_anchors = ssd.scale_anchors(maps)

@@ -94,9 +94,18 @@ class Task(ABC):
     def render_predictions(self, model: nn.Module, batch: TensorBatch, cfg: Config) -> Image.Image:
         """A grid of validation samples with predictions drawn against the truth."""
 
-    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
-        """Task-specific files for MLflow: name -> PIL image, text or dict (JSON). None by default."""
+    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config,
+                        val_batch: TensorBatch | None = None) -> dict[str, Any]:
+        """Task-specific files for MLflow: name -> PIL image, text or dict (JSON). None by default.
+
+        ``sums``: the last validation pass's statistics; ``val_batch``: its first batch, when kept.
+        """
         return {}
+
+    def resolve_for_workers(self, cfg: Config) -> Config:
+        """``cfg`` with what the workers would otherwise read from the dataset outside the Ray Data stream (class
+        names...) resolved here, on the driver: a worker may run on a node without the driver's files."""
+        return cfg
 
     @abstractmethod
     def predict_files(self, model: nn.Module, paths: list[str], out_dir: Path, cfg: Config) -> list[Path]:

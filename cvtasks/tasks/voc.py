@@ -174,7 +174,8 @@ class VocTask(Task):
         return seg.image_grid([[image, seg.colorize(p, palette), seg.colorize(t, palette)]
                                for image, p, t in zip(images, pred, truth, strict=True)])
 
-    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
+    def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config,
+                        val_batch: TensorBatch | None = None) -> dict[str, Any]:
         """``metrics/val_per_class_iou.csv`` and ``metrics/val_confusion.json`` from the last validation pass."""
         if "confusion" not in sums:
             return {}

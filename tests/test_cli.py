@@ -1,0 +1,50 @@
+"""The command line itself: help text on every option, ``--version``, ``-v`` before or after the subcommand, and
+``python -m pipelines`` as the same program as ``raycv``."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import build_parser, seconds_line
+
+BIN = Path(sys.executable).parent
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "raycv"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_and_argument_has_help_text():
+    missing = [f"{name} {action.dest}" for name, parser in _parsers(build_parser()) for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("argv", [["-v", "data", "check", "voc"], ["data", "check", "voc", "-v"],
+                                  ["train", "cifar10", "--verbose"], ["--verbose", "tune", "hotdog"]])
+def test_verbose_goes_before_or_after_the_subcommand(argv):
+    assert build_parser().parse_args(argv).verbose is True
+
+
+def test_quiet_by_default():
+    assert build_parser().parse_args(["train", "cifar10"]).verbose is False
+
+
+def test_seconds_line_lists_the_phases_in_order_with_their_total():
+    assert seconds_line({"start-up": 12.34, "Ray": 9.0, "training": 30.0}) == \
+        "seconds: start-up 12.3, Ray 9.0, training 30.0 (total 51)"
+
+
+def test_version_is_the_same_for_raycv_and_python_m_pipelines():
+    outputs = [subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+               for cmd in ([str(BIN / "raycv"), "--version"], [sys.executable, "-m", "pipelines", "--version"])]
+    assert outputs[0] == outputs[1] and outputs[0].startswith("raycv ")
