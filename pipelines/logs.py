@@ -23,12 +23,12 @@ def set_verbose(verbose: bool) -> None:
     """raycv's own lines at DEBUG and Ray's INFO lines shown when ``verbose``, else raycv's INFO and Ray's warnings."""
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     configure(logging.DEBUG if verbose else logging.INFO)
-    for name in RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet_ray_loggers()
 
 
 def quiet_ray_loggers() -> None:
-    """Apply the levels of :func:`set_verbose` again: Ray Data configures its logger when first imported."""
+    """Ray's loggers at INFO with -v, else WARNING; applied again after Ray Data, which sets its logger's level when
+    first imported, is in use."""
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose() else logging.WARNING)
 

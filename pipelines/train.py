@@ -195,8 +195,8 @@ def _open_run(
 
 def _describe_inputs(client: MlflowClient, run_id: str, task: Task, cfg: dict, splits: dict[str, Any]) -> None:
     """The run's dataset splits as MLflow inputs and a one-paragraph description of what the run does."""
-    source = storage_paths.join(str(cfg["data"]["root"]), str(cfg["data"].get("dataset") or task.name))
     name = str(cfg["data"].get("dataset") or task.name)
+    source = storage_paths.join(str(cfg["data"]["root"]), name)
     for split, data in splits.items():
         tracking.log_dataset(client, run_id, name, source, split, data.digest, data.rows, data.skipped)
     scaling = cfg["scaling"]
