@@ -6,13 +6,11 @@ import argparse
 import logging
 import os
 import sys
-import time
-
-import psutil
 
 from cvtasks.errors import DataFormatError
+from cvtasks.tasks import task_names
 from pipelines import logs
-from pipelines.config import ConfigError, available_tasks, load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.download import DownloadError
 from pipelines.failures import RunError
 
@@ -20,11 +18,12 @@ from pipelines.failures import RunError
 USER_ERRORS = (ConfigError, DataFormatError, DownloadError, RunError, ValueError, FileNotFoundError, PermissionError)
 
 log = logging.getLogger("raycv")
-STYLE_OUTPUT_DIR = "outputs/style"
+#: Files for people (stylised images) go under OUTPUT_DIR/<task>.
+OUTPUT_DIR = "outputs"
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=available_tasks(), help="the workload: its config is pipelines/configs/TASK.yaml")
+    p.add_argument("task", choices=task_names(), help="the workload: its config is pipelines/configs/TASK.yaml")
     p.add_argument("--data-root", help="folder holding the dataset's own top folder (local path or s3:// URI)")
     p.add_argument("--config", help="a YAML file of config values that override the task's defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -58,52 +57,25 @@ def _amp_explicit(overrides: list[str]) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.cluster import connect
-    from pipelines.report import print_summary
-    from pipelines.tracking import LATEST_ALIAS, registered_name, resolve_tracking_uri
-    from pipelines.train import preflight, resume_run_id, run_training
+    from pipelines.runners import RunRequest, runner_for
+    from pipelines.tracking import resolve_tracking_uri
 
     cfg = resolved_config(args)
-    if cfg.get("runner") == "style":
-        if args.resume or args.epochs:
-            raise ConfigError("style transfer has no epochs or checkpoints: use --set style.steps=N, or raycv stylize")
-        return _stylize(cfg, args.tracking_uri, args.address, STYLE_OUTPUT_DIR)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    resume = resume_run_id(MlflowClient(tracking_uri), cfg["task"], args.resume) if args.resume else None
-    started = time.perf_counter()
-    phases = {"start-up": time.time() - psutil.Process().create_time()}  # the interpreter and imports so far
-    preflight(cfg, tracking_uri)  # before Ray starts: a bad config, dataset or weights fails in seconds, in one line
-    phases["checks"] = time.perf_counter() - started
-    connect(args.address)
-    phases["Ray"] = time.perf_counter() - started - phases["checks"]
-    outcome = run_training(cfg, tracking_uri, resume=resume, storage=args.storage, register_alias=LATEST_ALIAS)
-    print_summary([(cfg["task"], outcome)], tracking_uri, metric_key=None)
-    print(seconds_line({**phases, **outcome.phases}))
-    if outcome.registered_version:
-        print(f"registered as {registered_name(cfg['task'])} version {outcome.registered_version} (alias "
-              f"'{LATEST_ALIAS}'): raycv predict {cfg['task']} IMAGE... uses it")
-    return 0
-
-
-def seconds_line(phases: dict[str, float]) -> str:
-    """Where a command's seconds went, in order: ``seconds: start-up 14.1, checks 2.0, Ray 9.9, ...``."""
-    parts = ", ".join(f"{name} {value:.1f}" for name, value in phases.items())
-    return f"seconds: {parts} (total {sum(phases.values()):.0f})"
+    request = RunRequest(resolve_tracking_uri(args.tracking_uri), address=args.address, storage=args.storage,
+                         resume=args.resume, epochs_given=args.epochs is not None, output_dir=OUTPUT_DIR)
+    return runner_for(cfg["task"]).train(cfg, request)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipelines.cluster import connect
     from pipelines.report import format_table, ui_command
+    from pipelines.runners import runner_for
     from pipelines.tracking import resolve_tracking_uri
-    from pipelines.train import preflight
     from pipelines.tune import run_sweep
 
     cfg = resolved_config(args)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    if cfg.get("runner", "train") == "train":
-        preflight(cfg, tracking_uri)  # an invalid base config or dataset fails before Ray starts, not per trial
+    runner_for(cfg["task"]).preflight(cfg, tracking_uri)  # a bad base config or dataset fails here, not per trial
     connect(args.address)
     outcome = run_sweep(cfg, tracking_uri, num_samples=args.num_samples, scheduler=args.scheduler,
                         max_concurrent=args.max_concurrent, resume=args.resume, storage=args.storage)
@@ -126,29 +98,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
+    from pipelines.runners import tasks_run_by
     from pipelines.style import cli_pairs
+    from pipelines.style_runner import stylize
+    from pipelines.tracking import resolve_tracking_uri
 
     shorthands = {"style.steps": args.steps, "style.size": list(args.size) if args.size else None,
                   "scaling.cpus_per_worker": args.cpus_per_worker, "scaling.gpus_per_worker": args.gpus_per_worker}
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in shorthands.items() if value is not None]
-    cfg = load_config("style", args.config, overrides)
+    [task] = tasks_run_by("stylize")
+    cfg = load_config(task, args.config, overrides)
     if args.content or args.style or args.demo:
         cfg["style"]["pairs"] = cli_pairs(args.content, args.style, args.demo)
-    return _stylize(cfg, args.tracking_uri, args.address, args.output_dir)
-
-
-def _stylize(cfg: dict, tracking_uri: str | None, address: str | None, output_dir: str) -> int:
-    """Run the config's style pairs as parallel Ray tasks and print where the results are."""
-    from pipelines.cluster import connect
-    from pipelines.style import load_pairs, run_pairs, summary
-    from pipelines.tracking import resolve_tracking_uri
-
-    inputs = load_pairs(cfg)
-    tracking_uri = resolve_tracking_uri(tracking_uri)
-    connect(address)
-    outcomes = run_pairs(cfg, inputs, tracking_uri, output_dir)
-    print(summary(outcomes, tracking_uri))
-    return 1 if any(o.error for o in outcomes) else 0
+    output_dir = args.output_dir or f"{OUTPUT_DIR}/{task}"
+    return stylize(cfg, resolve_tracking_uri(args.tracking_uri), args.address, output_dir)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -230,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_tune)
 
     predict = sub.add_parser("predict", help="apply a model logged by a raycv run to image files")
-    predict.add_argument("task", choices=available_tasks(), help="the task whose model to apply")
+    predict.add_argument("task", choices=task_names(), help="the task whose model to apply")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or URIs (s3://...)")
     predict.add_argument("--model",
                          help="model of a raycv run: runs:/<run id>/model, models:/raycv-<task>@best (a sweep's "
@@ -254,12 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     style.add_argument("--demo", action="store_true", help="also run the demo pairs of scikit-image pictures")
     style.add_argument("--steps", type=int, help="optimisation steps (style.steps)")
     style.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="size of the result (style.size)")
-    style.add_argument("--config", help="a YAML file of config values that override configs/style.yaml")
+    style.add_argument("--config", help="a YAML file of config values that override the task's config")
     style.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set loss.style_weight=1e5 (repeatable)")
     style.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per pair")
     style.add_argument("--gpus-per-worker", type=float, help="GPUs per pair (0 = CPU)")
-    style.add_argument("--output-dir", default=STYLE_OUTPUT_DIR, help="where the stylised images are written")
+    style.add_argument("--output-dir", help=f"where the stylised images are written (default: {OUTPUT_DIR}/TASK)")
     style.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     style.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     style.set_defaults(func=cmd_stylize)
@@ -274,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("name", help="the task whose dataset to fetch: cifar10, hotdog, banana or voc")
     download.add_argument("--root", default="data/real", help="where to put it (local path or s3:// URI)")
     check = data_sub.add_parser("check", help="count samples per split/class and find bad files")
-    check.add_argument("task", choices=available_tasks(), help="the task whose dataset to check")
+    check.add_argument("task", choices=task_names(), help="the task whose dataset to check")
     check.add_argument("--root", default="data/demo", help="folder holding the dataset (local path or s3:// URI)")
     data.set_defaults(func=cmd_data)
     return parser

@@ -1,4 +1,5 @@
-"""Task configs: ``configs/defaults.yaml`` under ``configs/<task>.yaml``, plus checked ``key.path=value`` overrides.
+"""Task configs: ``configs/defaults.yaml`` under the task's YAML (``configs/<task>.yaml``), plus checked
+``key.path=value`` overrides.
 
 A config is a plain nested dict so that Ray can ship it to workers and Tune can substitute sampled values into it.
 Overrides may only name keys the defaults have (a typo fails with the closest valid keys), and a value must keep
@@ -14,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from cvtasks.tasks import task_class, task_names
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: Keys whose values are free-form (their defaults may be empty or of another type).
 FREE_FORM = ("search",)
@@ -26,16 +29,16 @@ class ConfigError(ValueError):
 DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
 
 
-def available_tasks() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p != DEFAULTS_FILE)
+def task_config_file(task: str) -> Path:
+    """The YAML file of registered task ``task``: the one it declares, else ``configs/<task>.yaml``."""
+    if task not in task_names():
+        raise ConfigError(f"unknown task {task!r}; available: {', '.join(task_names())}")
+    return task_class(task).config_file or CONFIG_DIR / f"{task}.yaml"
 
 
 def load_config(task: str, config_file: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """The resolved config of ``task``: defaults, then ``config_file`` (a partial YAML), then ``overrides``."""
-    default_path = CONFIG_DIR / f"{task}.yaml"
-    if not default_path.exists():
-        raise ConfigError(f"unknown task {task!r}; available: {', '.join(available_tasks())}")
-    cfg = _deep_update(_read_yaml(DEFAULTS_FILE), _read_yaml(default_path))
+    cfg = _deep_update(_read_yaml(DEFAULTS_FILE), _read_yaml(task_config_file(task)))
     if config_file is not None:
         merge(cfg, _read_yaml(Path(config_file)), source=str(config_file))
     for item in overrides or []:

@@ -16,26 +16,34 @@ import numpy as np
 import pandas as pd
 
 from cvtasks import storage
+from cvtasks.catalog import Dataset
 from cvtasks.errors import DataFormatError
-from cvtasks.tasks import get_task
+from cvtasks.tasks import all_datasets, get_task
 from pipelines import logs
 
 log = logging.getLogger(__name__)
 
-#: Demo datasets: name -> ("module:function" taking ``(root, seed=)``, folder it writes under the root).
-#: The slowest writers come first, so that writing them in parallel ends at about the same time.
-DEMO_WRITERS: dict[str, tuple[str, str]] = {
-    "banana": ("cvtasks.demo.banana:write", "banana-detection"),
-    "hotdog-source": ("cvtasks.demo.hotdog:write_source", "hotdog-source"),
-    "cifar10": ("cvtasks.demo.cifar:write", "cifar-10-batches-py"),
-    "hotdog": ("cvtasks.demo.hotdog:write", "hotdog"),
-    "voc": ("cvtasks.demo.voc:write", "VOCdevkit"),
-}
 DEMO_MARKER = ".raycv-demo"
 #: Beside each demo folder while it is (re)written: ``.<folder>.staging`` holds the new copy, ``.<folder>.old`` the
 #: replaced one until the new copy is in place.
 STAGING_SUFFIX = ".staging"
 OLD_SUFFIX = ".old"
+
+
+def demo_datasets() -> dict[str, Dataset]:
+    """Every demo dataset the registered tasks declare, by name, the costliest to write first (written in
+    parallel, they then end at about the same time)."""
+    declared = [dataset for _, dataset in all_datasets() if dataset.demo_writer]
+    return {d.name: d for d in sorted(declared, key=lambda d: -d.demo_cost)}
+
+
+def _chosen(only: list[str] | None) -> dict[str, Dataset]:
+    """The demo datasets named in ``only`` (all when None), refusing unknown names."""
+    known = demo_datasets()
+    unknown = sorted(set(only or []) - set(known))
+    if unknown:
+        raise ValueError(f"unknown demo dataset(s) {unknown}; known: {', '.join(known)}")
+    return {name: d for name, d in known.items() if not only or name in only}
 
 
 def make_demo(root: str | Path, seed: int = 0, only: list[str] | None = None,
@@ -47,39 +55,36 @@ def make_demo(root: str | Path, seed: int = 0, only: list[str] | None = None,
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    names = only or list(DEMO_WRITERS)
-    unknown = sorted(set(names) - set(DEMO_WRITERS))
-    if unknown:
-        raise ValueError(f"unknown demo dataset(s) {unknown}; known: {', '.join(DEMO_WRITERS)}")
+    chosen = _chosen(only)
     missing = []
-    for name in names:
-        folder = root / DEMO_WRITERS[name][1]
+    for name, dataset in chosen.items():
+        folder = root / dataset.folder
         marker = folder / DEMO_MARKER
         if marker.exists() and marker.read_text().strip() == str(seed):
             log.info("demo %s: already at %s (seed %d), reusing it", name, folder, seed)
         else:
             log.info("demo %s: writing %s ...", name, folder)
-            missing.append(name)
+            missing.append(dataset)
     workers = min(len(missing), processes or os.cpu_count() or 1)
     if workers == 1:
-        for name in missing:
-            _write_demo(name, root, seed)
+        for dataset in missing:
+            _write_demo(dataset, root, seed)
     elif workers > 1:
         # spawn, not fork: the calling process may already run Ray's threads.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=logs.configure, initargs=(logging.getLogger().level,)) as pool:
-            for future in [pool.submit(_write_demo, name, root, seed) for name in missing]:
+            for future in [pool.submit(_write_demo, dataset, root, seed) for dataset in missing]:
                 future.result()
-    return {name: root / DEMO_WRITERS[name][1] for name in names}
+    return {name: root / dataset.folder for name, dataset in chosen.items()}
 
 
-def _write_demo(name: str, root: Path, seed: int) -> None:
-    """Run demo dataset ``name``'s writer into a staging folder, mark it complete for ``seed``, then swap it in.
+def _write_demo(dataset: Dataset, root: Path, seed: int) -> None:
+    """Run ``dataset``'s demo writer into a staging folder, mark it complete for ``seed``, then swap it in.
 
     The folder under ``root`` is only ever a finished copy (with its marker) or absent: a writer that crashes
     leaves its staging folder, which the next run removes, never a mix of two seeds under a trusted marker.
     """
-    writer, folder = DEMO_WRITERS[name]
+    writer, folder = str(dataset.demo_writer), dataset.folder
     staging, old = root / f".{folder}{STAGING_SUFFIX}", root / f".{folder}{OLD_SUFFIX}"
     for leftover in (staging, old):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -107,15 +112,15 @@ def make_demo_at(root: str, seed: int = 0, only: list[str] | None = None) -> str
     if not storage.is_uri(root):
         make_demo(root, seed=seed, only=only)
         return root
-    names = only or list(DEMO_WRITERS)
-    missing = [name for name in names if not _remote_marker_is(root, DEMO_WRITERS[name][1], DEMO_MARKER, str(seed))]
-    for name in sorted(set(names) - set(missing)):
-        log.info("demo %s: already at %s (seed %d), reusing it", name, storage.join(root, DEMO_WRITERS[name][1]), seed)
+    chosen = _chosen(only)
+    missing = [name for name, d in chosen.items() if not _remote_marker_is(root, d.folder, DEMO_MARKER, str(seed))]
+    for name in sorted(set(chosen) - set(missing)):
+        log.info("demo %s: already at %s (seed %d), reusing it", name, storage.join(root, chosen[name].folder), seed)
     if missing:
         with tempfile.TemporaryDirectory(prefix="raycv-demo-") as staging:
             make_demo(staging, seed=seed, only=missing)
             for name in missing:
-                folder = DEMO_WRITERS[name][1]
+                folder = chosen[name].folder
                 count = storage.upload_tree(Path(staging) / folder, storage.join(root, folder), last=DEMO_MARKER)
                 log.info("demo %s: uploaded %d files to %s", name, count, storage.join(root, folder))
     return root
@@ -182,6 +187,8 @@ def find_bad_rows(task_name: str, cfg: dict, index: pd.DataFrame, batch_size: in
 def check(cfg: dict) -> int:
     """Print samples per split (and per class where the index has a scalar ``label``) and every bad file."""
     task = get_task(cfg["task"])
+    if not task.datasets:
+        raise ValueError(f"{cfg['task']} reads no dataset: nothing to check")
     bad_total = 0
     for split in ("train", "val"):
         try:

@@ -9,8 +9,9 @@ Under the download root::
 An archive is unpacked into a staging folder next to its destination and moved into place only once complete, so
 an interrupted extraction never leaves a half dataset that looks finished. The archive is deleted afterwards.
 
-Archives come from their original URLs (d2l's data hub for hotdog, banana and VOC2012; Toronto for CIFAR-10). A
-mirror holding the same files by name can stand in for all of them: ``base_url=`` or ``$RAYCV_DATA_URL``.
+Archives come from the URLs their tasks declare (``Dataset.download``: d2l's data hub for hotdog, banana and VOC2012;
+Toronto for CIFAR-10). A mirror holding the same files by name can stand in for all of them: ``base_url=`` or
+``$RAYCV_DATA_URL``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import hashlib
 import http.client
 import logging
 import os
-import posixpath
 import shutil
 import tarfile
 import time
@@ -27,15 +27,14 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from cvtasks.catalog import Download
 from cvtasks.errors import DataFormatError
+from cvtasks.tasks import all_datasets, dataset_named
 
 log = logging.getLogger(__name__)
 
-#: d2l's data hub (``d2l.DATA_URL``).
-DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"
 #: A mirror folder holding every archive under its file name; replaces each dataset's own URL when set.
 MIRROR_ENV = "RAYCV_DATA_URL"
 DOWNLOADS_DIR = ".downloads"
@@ -51,45 +50,14 @@ HTTP_RANGE_NOT_SATISFIABLE = 416
 Progress = Callable[[int, int | None], None]
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a dataset's archive comes from and where it unpacks to."""
-
-    url: str
-    algorithm: str  # a hashlib name: "sha1" (d2l's data hub) or "sha256"
-    digest: str  # hex digest of the archive
-    folder: str  # the dataset folder under the root, as the reader expects it; its first part is the archive's top
-
-    @property
-    def filename(self) -> str:
-        return posixpath.basename(self.url)
-
-    @property
-    def top(self) -> str:
-        return self.folder.split("/")[0]
-
-
-SOURCES: dict[str, Source] = {
-    # The CIFAR page publishes an MD5 only; this SHA-256 of the same 170,498,071-byte file is the one torchvision's
-    # prototype datasets and TFDS check.
-    "cifar10": Source("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "sha256",
-                      "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", "cifar-10-batches-py"),
-    "hotdog": Source(DATA_URL + "hotdog.zip", "sha1", "fba480ffa8aa7e0febbb511d181409f899b9baa5", "hotdog"),
-    "banana": Source(DATA_URL + "banana-detection.zip", "sha1", "5de26c8fce5ccdea9f91267273464dc968d20d72",
-                     "banana-detection"),
-    "voc": Source(DATA_URL + "VOCtrainval_11-May-2012.tar", "sha1", "4e443f8a2eca6b1dac8a6c57641b67dd40621a49",
-                  "VOCdevkit/VOC2012"),
-}
-#: Other names a dataset answers to: the VOC task's dataset was called after its release.
-ALIASES = {"voc2012": "voc"}
-
-
-def source_named(name: str) -> tuple[str, Source]:
-    """(canonical name, source) of dataset ``name``: a task's name or an alias."""
-    name = ALIASES.get(name, name)
-    if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}")
-    return name, SOURCES[name]
+def source_named(name: str) -> tuple[str, Download]:
+    """(dataset name, where it downloads from) of a dataset some task declares, by name or alias."""
+    dataset = dataset_named(name)
+    if dataset.download is None:
+        downloadable = ", ".join(d.name for _, d in all_datasets() if d.download)
+        raise ValueError(f"dataset {dataset.name!r} has no download (it is demo data only); downloadable: "
+                         f"{downloadable}")
+    return dataset.name, dataset.download
 
 
 class DownloadError(RuntimeError):
@@ -122,7 +90,7 @@ def download(name: str, root: str | Path, progress: Progress | None = None, base
     return target
 
 
-def fetch(url: str, archive: Path, source: Source, progress: Progress | None = None) -> None:
+def fetch(url: str, archive: Path, source: Download, progress: Progress | None = None) -> None:
     """Download ``url`` to ``archive`` through ``archive.part`` (resumed if present), then verify the checksum.
 
     A checksum mismatch removes the partial file and raises :class:`DataFormatError` naming both digests.
@@ -187,7 +155,7 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def extract(archive: Path, root: Path, source: Source) -> None:
+def extract(archive: Path, root: Path, source: Download) -> None:
     """Unpack a zip or tar(.gz) archive and move its ``source.top`` folder into ``root``, marker included.
 
     Members that are absolute, climb out with ``..``, or are anything but plain files and folders (links,

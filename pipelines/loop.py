@@ -25,9 +25,9 @@ from torch import nn
 
 from cvtasks.errors import DataFormatError
 from cvtasks.models.weights import load_tensor_file
-from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Config, Task, TensorBatch
 from pipelines import logs
+from pipelines.data import task_at
 from pipelines.failures import fail_fast
 from pipelines.progress import EpochProgress, steps_per_epoch
 from pipelines.run_logging import FIRST_STEP_TAG, RunLogger, system_metrics
@@ -195,7 +195,8 @@ def _to_numpy(batch: TensorBatch) -> dict[str, np.ndarray]:
 
 @fail_fast  # a deterministic error (bad data, config or weights) ends the run instead of being retried
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: {"cfg": task config, "tracking_uri": str, "run_id": str, "weights":
+    """Ray Train entry point. ``config``: {"cfg": task config, "task": its ``module:Class`` (``task_path``),
+    "tracking_uri": str, "run_id": str, "weights":
     the driver's :class:`pipelines.handoff.ResolvedWeights` or None}."""
     logging.basicConfig(level=logging.DEBUG if config.get("verbose") else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -203,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = config["cfg"]
-    task = get_task(cfg["task"])
+    task = task_at(config["task"])  # by import path: the task may be registered only in the driver's process
     torch.manual_seed(int(cfg["train"]["seed"]))
     device = ray.train.torch.get_device()
     threads = int(cfg["scaling"]["torch_threads"])

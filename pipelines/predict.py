@@ -21,6 +21,7 @@ from torch import nn
 from cvtasks import storage
 from cvtasks.models.weights import SCRATCH
 from cvtasks.tasks import get_task
+from cvtasks.tasks.base import Task
 from pipelines import tracking
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ def load_logged_model(task_name: str, model_uri: str, tracking_uri: str) -> tupl
 
 def predict(task_name: str, model_uri: str, images: list[str], out_dir: str | Path, tracking_uri: str) -> list[Path]:
     """Write the task's predictions for ``images`` under ``out_dir``; returns the files written."""
+    if not isinstance(get_task(task_name), Task):
+        raise ValueError(f"{task_name} trains no model to apply (runner {get_task(task_name).runner}); its runs "
+                         "write their results themselves")
     missing = [p for p in images if not storage.exists(p)]  # local files or storage URIs (s3://...)
     if missing:
         raise FileNotFoundError(f"no such image file(s): {', '.join(missing)}")

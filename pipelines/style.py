@@ -4,7 +4,8 @@ Style transfer optimises one image, not a model over a dataset, so it has this s
 
 - ``run_pairs``: every content/style pair of the config is one Ray task (``scaling.cpus_per_worker`` CPUs,
   ``scaling.gpus_per_worker`` GPUs), all in parallel, each logging into its own MLflow run.
-- ``style_trial``: the Ray Tune trainable of ``raycv tune style`` (``sweep_plan`` hooks it into pipelines/tune.py):
+- ``style_trial``: the Ray Tune trainable of ``raycv tune style`` (``sweep_plan``, through the "stylize" runner of
+  pipelines/style_runner.py, hooks it into pipelines/tune.py):
   one stylisation per sampled set of loss weights, reporting every ``style.log_every`` steps so ASHA can stop weak
   trials, ranked by ``ref_loss`` (unweighted losses under the fixed ``loss.ref_*`` weights; lower is better).
 
@@ -49,14 +50,14 @@ from cvtasks.style import (
 from pipelines import tracking
 from pipelines.config import ConfigError
 from pipelines.report import format_table, ui_command
-from pipelines.tune import SweepPlan, trial_config
+from pipelines.sweep_plan import SweepPlan, trial_config
 
 log = logging.getLogger(__name__)
 
-TASK = "style"
-METRIC = "ref_loss"  # what sweeps minimise
+METRIC = "ref_loss"  # what sweeps minimise (the style task's declared metric)
 IMAGES_DIR = "images"  # run artifacts: images/step_00050.png, ...
 RESULT_FILE = "result.png"
+INPUT_FILES = ("inputs/content.png", "inputs/style.png")  # both inputs as the optimisation sees them
 _MLFLOW_MAX_METRICS = 1000  # per log_batch call
 RANDOM_INIT_NOTE = ("**Random-init VGG-19 features**: no pretrained weights were used, so this result shows texture "
                     "statistics of random filters only. See tag raycv.weights.")
@@ -104,8 +105,8 @@ def pair_name(content: str, style: str) -> str:
 def open_run(client: MlflowClient, cfg: dict, content: str, style: str, tags: dict[str, str] | None = None,
              parent_run_id: str | None = None) -> str:
     """A new MLflow run in ``raycv-style`` for one pair: config as params, the pair as tags."""
-    all_tags = {"raycv.kind": "style", "raycv.content": content, "raycv.style": style, **(tags or {})}
-    return tracking.create_run(client, TASK, cfg, run_name=pair_name(content, style), tags=all_tags,
+    all_tags = {"raycv.kind": "stylize", "raycv.content": content, "raycv.style": style, **(tags or {})}
+    return tracking.create_run(client, cfg["task"], cfg, run_name=pair_name(content, style), tags=all_tags,
                                parent_run_id=parent_run_id)
 
 
@@ -139,8 +140,8 @@ def tracked_stylize(client: MlflowClient, run_id: str, cfg: dict, content_img: I
     if not extractor.pretrained:  # build_vgg_features has warned on the console
         weight_tags["mlflow.note.content"] = RANDOM_INIT_NOTE
     tracking.set_tags(client, run_id, weight_tags)
-    for name, img in (("content", content_img), ("style", style_img)):
-        tracking.log_image(client, run_id, postprocess(preprocess(img, style_cfg.size)), f"inputs/{name}.png")
+    for img, file in ((content_img, INPUT_FILES[0]), (style_img, INPUT_FILES[1])):
+        tracking.log_image(client, run_id, postprocess(preprocess(img, style_cfg.size)), file)
     pending: list[Metric] = []
     first_style = None
     for result in stylize(content_img, style_img, style_cfg, device=device, extractor=extractor):
@@ -220,7 +221,7 @@ def run_pairs(cfg: dict, inputs: Sequence[InputPair], tracking_uri: str, output_
     file is read (tensor-only) where the user named it, and a bad one fails before any run or task starts."""
     extractor = ray.put(seeded_extractor(StyleConfig.from_dict(cfg)))
     client = MlflowClient(tracking_uri)
-    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(TASK))
+    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg["task"]))
     resources = {"num_cpus": float(cfg["scaling"]["cpus_per_worker"]),
                  "num_gpus": float(cfg["scaling"]["gpus_per_worker"])}
     outcomes, pending = [], {}
@@ -255,7 +256,7 @@ def run_pairs(cfg: dict, inputs: Sequence[InputPair], tracking_uri: str, output_
     return outcomes
 
 
-def summary(outcomes: Sequence[PairOutcome], tracking_uri: str) -> str:
+def summary(outcomes: Sequence[PairOutcome], task: str, tracking_uri: str) -> str:
     """The console report of ``run_pairs``: one row per pair, where the files and runs are, random init loudly."""
     rows = [[pair_name(o.content, o.style), o.run_id, int(o.metrics.get("step", 0)),
              o.metrics.get("style_reduction", float("nan")), o.metrics.get("raw_content", float("nan")),
@@ -264,7 +265,7 @@ def summary(outcomes: Sequence[PairOutcome], tracking_uri: str) -> str:
                                "output"], rows)]
     if len(outcomes) == 1:
         lines.append(f"\nMLflow: {tracking.run_url(tracking_uri, outcomes[0].experiment_id, outcomes[0].run_id)}")
-    lines.append(f"MLflow UI: {ui_command(tracking_uri)} (experiment {tracking.experiment_name(TASK)})")
+    lines.append(f"MLflow UI: {ui_command(tracking_uri)} (experiment {tracking.experiment_name(task)})")
     random_init = sorted({o.weights for o in outcomes if o.error is None and not o.pretrained})
     if random_init:
         lines += ["", "!" * 100, "!!! WARNING: these results were made with RANDOM-INIT VGG-19 features, not ImageNet "

@@ -35,7 +35,7 @@ from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Task
 from pipelines import failures, logs, tracking
 from pipelines.config import ConfigError, check_values
-from pipelines.data import build_split, should_cache
+from pipelines.data import build_split, should_cache, task_path
 from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
 from pipelines.loop import lr_factor, make_optimizer
 from pipelines.run_logging import FIRST_STEP_TAG
@@ -283,7 +283,8 @@ def run_training(
             _describe_inputs(client, run_id, task, cfg, {"train": train, "val": val})
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg, "tracking_uri": tracking_uri, "run_id": run_id, "weights": weights,
+            train_loop_config={"cfg": cfg, "task": task_path(task), "tracking_uri": tracking_uri, "run_id": run_id,
+                               "weights": weights,
                                "train_rows": train.rows, "verbose": logs.verbose()},
             scaling_config=scaling_config(cfg, held_cpus),
             run_config=RunConfig(

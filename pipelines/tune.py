@@ -8,14 +8,11 @@ drives, so it asks for a sliver and the trial's Train workers request the real r
 
 from __future__ import annotations
 
-import copy
 import csv
-import importlib
 import io
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +29,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 from cvtasks import storage as storage_paths  # noqa: E402
 from cvtasks.tasks import get_task  # noqa: E402
 from pipelines import failures, logs, tracking  # noqa: E402
-from pipelines.config import ConfigError, get_path, set_path  # noqa: E402
+from pipelines.config import ConfigError, get_path  # noqa: E402
 from pipelines.handoff import ResolvedWeights  # noqa: E402
+from pipelines.runners import runner_for  # noqa: E402
+from pipelines.sweep_plan import SweepPlan, trial_config  # noqa: E402
 from pipelines.train import (  # noqa: E402
     cpus_for_training,
     default_storage,
@@ -57,8 +56,6 @@ DISTRIBUTIONS = {
 #: Parent-run tag listing the trials that failed: "<trial id>: <error>" lines.
 FAILED_TRIALS_TAG = "raycv.failed_trials"
 TAG_MAX_CHARS = 8000  # MLflow's limit on a tag value
-#: Config ``runner`` values other than Ray Train's "train" -> "module:function" returning their SweepPlan.
-RUNNERS = {"style": "pipelines.style:sweep_plan"}
 
 
 def search_space(cfg: dict) -> dict[str, Any]:
@@ -85,13 +82,6 @@ def make_scheduler(name: str, max_epochs: int) -> TrialScheduler:
     if name == "fifo":
         return FIFOScheduler()
     raise ValueError(f'Unknown scheduler "{name}": use asha or fifo')
-
-
-def trial_config(base: dict, sampled: dict[str, Any]) -> dict:
-    cfg = copy.deepcopy(base)
-    for path, value in sampled.items():
-        set_path(cfg, path, value)
-    return cfg
 
 
 def sweep_trial(config: dict[str, Any], weights: ResolvedWeights | None = None) -> None:
@@ -121,40 +111,13 @@ def shared_weights(cfg: dict, tracking_uri: str) -> dict[str, Any]:
     return {"weights": put_weights(cfg, tracking_uri)}
 
 
-@dataclass(frozen=True)
-class SweepPlan:
-    """What each trial runs and how trials are ranked. Ray Train tasks: ``sweep_trial``, ``task.metric`` maximised,
-    one report per epoch; a config's ``runner`` (see RUNNERS) may bring its own."""
-
-    trainable: Callable[[dict[str, Any]], None]
-    resources: dict[str, float]  # what each trial function itself holds
-    metric: str
-    mode: str  # "max" or "min"
-    max_t: int  # reports of a trial that runs to the end: ASHA's budget
-    register_model: bool  # whether trials log a model for the Model Registry
-    #: extra artifacts on the parent run: (client, parent_run_id, trial rows, searched config paths)
-    summarize: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
-    #: the ``scaling`` config of the Train workers each trial starts outside ``resources`` (Tune does not see them)
-    train_scaling: dict[str, Any] | None = None
-    #: (config, tracking URI) -> keyword arguments resolved once on the driver for every trial (tune.with_parameters)
-    shared: Callable[[dict, str], dict[str, Any]] | None = None
-    #: the base config with what trials would read from the dataset resolved on the driver (trials run on any node)
-    resolve: Callable[[dict], dict] = lambda cfg: cfg
-
-
-def sweep_plan(cfg: dict) -> SweepPlan:
-    """The config's plan. Ray Train trials get ASHA budget ``epochs + 1``: a trial reaching ASHA's ``max_t`` is
+def train_sweep_plan(cfg: dict) -> SweepPlan:
+    """The plan of a Ray Train task. Trials get ASHA budget ``epochs + 1``: a trial reaching ASHA's ``max_t`` is
     stopped at once, which would cut off its last epoch's model logging; the rungs stay the same."""
-    runner = cfg.get("runner", "train")
-    if runner != "train":
-        if runner not in RUNNERS:
-            raise ConfigError(f'unknown runner "{runner}"; known: train, {", ".join(sorted(RUNNERS))}')
-        module, function = RUNNERS[runner].split(":")
-        return getattr(importlib.import_module(module), function)(cfg)
-    return SweepPlan(trainable=sweep_trial, resources={"CPU": TRIAL_DRIVER_CPUS}, metric=get_task(cfg["task"]).metric,
-                     mode="max", max_t=int(cfg["train"]["epochs"]) + 1, register_model=True,
-                     train_scaling=cfg["scaling"], shared=shared_weights,
-                     resolve=get_task(cfg["task"]).resolve_for_workers)
+    task = get_task(cfg["task"])
+    return SweepPlan(trainable=sweep_trial, resources={"CPU": TRIAL_DRIVER_CPUS}, metric=task.metric,
+                     mode=task.metric_mode, max_t=int(cfg["train"]["epochs"]) + 1, register_model=True,
+                     train_scaling=cfg["scaling"], shared=shared_weights, resolve=task.resolve_for_workers)
 
 
 def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cluster_cpus: float,
@@ -198,7 +161,7 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or with ``resume``, a path printed by an earlier sweep, continue) a sweep over ``cfg["search"]``."""
     started = time.perf_counter()
-    plan = sweep_plan(cfg)
+    plan = runner_for(cfg["task"]).sweep_plan(cfg)
     client = MlflowClient(tracking_uri)
     storage = storage or default_storage()
     space = search_space(cfg)

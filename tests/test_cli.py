@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import build_parser, seconds_line
+from pipelines.cli import build_parser
+from pipelines.report import seconds_line
 
 BIN = Path(sys.executable).parent
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from pipelines import datasets
+from cvtasks.tasks import task_class
 from pipelines.datasets import DEMO_MARKER, make_demo
 
 FOLDER = "fake-dataset"
@@ -36,10 +37,12 @@ def write_then_crash(root: Path, seed: int = 0) -> Path:
 
 @pytest.fixture
 def fake_writer(monkeypatch):
-    """Points the "cifar10" demo entry at this module's writers; returns a function choosing which one."""
+    """Points the "cifar10" demo dataset at this module's writers; returns a function choosing which one."""
+    cifar = task_class("cifar10")
 
     def use(function: str) -> None:
-        monkeypatch.setitem(datasets.DEMO_WRITERS, "cifar10", (f"{__name__}:{function}", FOLDER))
+        dataset = dataclasses.replace(cifar.datasets[0], demo_writer=f"{__name__}:{function}", folder=FOLDER)
+        monkeypatch.setattr(cifar, "datasets", (dataset,))
 
     return use
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -16,11 +17,13 @@ import pytest
 import torch
 
 from cvtasks import storage
+from cvtasks.catalog import D2L_DATA_URL, Download
 from cvtasks.demo import cifar as cifar_demo
 from cvtasks.demo import hotdog as hotdog_demo
 from cvtasks.demo import voc as voc_demo
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import cifar, imagefolder, voc
+from cvtasks.tasks import all_datasets, task_class
 from pipelines import cli
 from pipelines import download as dl
 from pipelines import weights as pw
@@ -102,7 +105,14 @@ def serve(server: FileServer, monkeypatch, name: str, filename: str, data: bytes
           digest: str | None = None) -> None:
     """Serve ``data`` as ``filename`` and point dataset ``name`` at it (with ``digest``, default its real SHA-1)."""
     server.files[filename] = data
-    monkeypatch.setitem(dl.SOURCES, name, dl.Source(server.url + filename, "sha1", digest or sha1(data), folder))
+    point(monkeypatch, name, Download(server.url + filename, "sha1", digest or sha1(data), folder))
+
+
+def point(monkeypatch, name: str, source: Download) -> None:
+    """Make registered dataset ``name`` download from ``source`` for this test."""
+    task = next(task_class(t) for t, d in all_datasets() if d.name == name)
+    monkeypatch.setattr(task, "datasets", tuple(dataclasses.replace(d, download=source) if d.name == name else d
+                                                for d in task.datasets))
 
 
 @pytest.fixture
@@ -156,7 +166,7 @@ def test_voc_tar_lands_where_the_reader_looks(server, monkeypatch, tmp_path):
 def test_mirror_url_replaces_the_original(server, monkeypatch, tmp_path, hotdog_zip):
     server.files["hotdog.zip"] = hotdog_zip
     unreachable = "http://127.0.0.1:9/hotdog.zip"
-    monkeypatch.setitem(dl.SOURCES, "hotdog", dl.Source(unreachable, "sha1", sha1(hotdog_zip), "hotdog"))
+    point(monkeypatch, "hotdog", Download(unreachable, "sha1", sha1(hotdog_zip), "hotdog"))
     monkeypatch.setenv(dl.MIRROR_ENV, server.url)
     assert (dl.download("hotdog", tmp_path) / "train").is_dir()
 
@@ -251,17 +261,20 @@ def test_archive_without_the_expected_folder_is_an_error(server, monkeypatch, tm
 
 
 def test_datasets_are_named_after_their_tasks_and_voc2012_still_works():
-    assert set(dl.SOURCES) == {"cifar10", "hotdog", "banana", "voc"}
-    assert dl.source_named("voc2012") == ("voc", dl.SOURCES["voc"])
+    sources = real_sources()
+    assert set(sources) == {"cifar10", "hotdog", "banana", "voc"}
+    assert dl.source_named("voc2012") == ("voc", sources["voc"])
+    with pytest.raises(ValueError, match="hotdog-source.*demo data only"):
+        dl.source_named("hotdog-source")
 
 
 def test_unknown_name_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="known: cifar10, hotdog, banana, voc"):
+    with pytest.raises(ValueError, match="known: cifar10, hotdog, hotdog-source, banana, voc"):
         dl.download("imagenet", tmp_path)
 
 
 def test_http_error_and_refused_connection_are_clear(server, monkeypatch, tmp_path):
-    monkeypatch.setitem(dl.SOURCES, "hotdog", dl.Source(server.url + "hotdog.zip", "sha1", "0" * 40, "hotdog"))
+    point(monkeypatch, "hotdog", Download(server.url + "hotdog.zip", "sha1", "0" * 40, "hotdog"))
     with pytest.raises(dl.DownloadError, match="HTTP 404"):
         dl.download("hotdog", tmp_path)
     with socket.socket() as sock:  # a port nobody listens on once closed
@@ -279,12 +292,17 @@ def test_existing_folder_not_from_a_download_is_left_alone(server, monkeypatch, 
     assert server.requests == []
 
 
-def test_the_real_table_holds_the_published_checksums():
-    assert dl.SOURCES["hotdog"].digest == "fba480ffa8aa7e0febbb511d181409f899b9baa5"
-    assert dl.SOURCES["banana"].digest == "5de26c8fce5ccdea9f91267273464dc968d20d72"
-    assert dl.SOURCES["voc"].digest == "4e443f8a2eca6b1dac8a6c57641b67dd40621a49"
-    assert dl.SOURCES["voc"].url == dl.DATA_URL + "VOCtrainval_11-May-2012.tar"
-    assert all(len(s.digest) == hashlib.new(s.algorithm).digest_size * 2 for s in dl.SOURCES.values())
+def real_sources() -> dict[str, Download]:
+    return {d.name: d.download for _, d in all_datasets() if d.download}
+
+
+def test_the_tasks_declare_the_published_checksums():
+    sources = real_sources()
+    assert sources["hotdog"].digest == "fba480ffa8aa7e0febbb511d181409f899b9baa5"
+    assert sources["banana"].digest == "5de26c8fce5ccdea9f91267273464dc968d20d72"
+    assert sources["voc"].digest == "4e443f8a2eca6b1dac8a6c57641b67dd40621a49"
+    assert sources["voc"].url == D2L_DATA_URL + "VOCtrainval_11-May-2012.tar"
+    assert all(len(s.digest) == hashlib.new(s.algorithm).digest_size * 2 for s in sources.values())
 
 
 # --- storage URIs -------------------------------------------------------------------------------------------------

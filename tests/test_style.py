@@ -243,20 +243,18 @@ def test_step_metrics_score_with_the_reference_weights():
     assert metrics["total_loss"] == 5.5005 and metrics["raw_style"] == 1e-4 and metrics["lr"] == 0.3
 
 
-def test_sweep_plan_dispatch():
+def test_sweep_plan_comes_from_the_runner_the_task_declares():
+    from pipelines.runners import runner_for
     from pipelines.style import style_trial
-    from pipelines.tune import sweep_plan, sweep_trial
+    from pipelines.tune import sweep_trial
 
     cfg = load_config("style", overrides=["style.steps=120", "style.log_every=50", "scaling.cpus_per_worker=2"])
-    plan = sweep_plan(cfg)
+    plan = runner_for("style").sweep_plan(cfg)
     assert plan.trainable is style_trial and (plan.metric, plan.mode) == ("ref_loss", "min")
     assert plan.max_t == 3 and plan.resources == {"CPU": 2.0} and not plan.register_model
     assert plan.summarize is not None
-    train_plan = sweep_plan(load_config("cifar10"))  # Ray Train tasks keep their path
+    train_plan = runner_for("cifar10").sweep_plan(load_config("cifar10"))  # Ray Train tasks keep their path
     assert train_plan.trainable is sweep_trial and train_plan.mode == "max" and train_plan.register_model
-    cfg["runner"] = "nope"
-    with pytest.raises(ConfigError, match="unknown runner"):
-        sweep_plan(cfg)
 
 
 def test_raycv_train_style_refuses_epochs(capsys):

@@ -58,7 +58,7 @@ def test_demo_stylisation_cuts_style_loss_and_keeps_content_bounded(one_thread):
 
 
 def test_pairs_run_as_ray_tasks_and_log_to_mlflow(ray_cluster, mlflow_server, tmp_path):
-    from pipelines.style import RESULT_FILE, load_pairs, run_pairs
+    from pipelines.style import INPUT_FILES, RESULT_FILE, load_pairs, run_pairs
 
     cfg = load_config("style", overrides=[*TINY, "style.steps=6", "style.log_every=3"])
     cfg["style"]["pairs"] = [["skimage:chelsea", "skimage:brick"], ["skimage:coffee", "skimage:immunohistochemistry"]]
@@ -78,8 +78,7 @@ def test_pairs_run_as_ray_tasks_and_log_to_mlflow(ray_cluster, mlflow_server, tm
         for key in ("content_loss", "style_loss", "tv_loss", "total_loss", "ref_loss"):
             assert [m.step for m in client.get_metric_history(outcome.run_id, key)] == [1, 2, 3, 4, 5, 6], key
         files = {a.path for folder in (None, "images", "inputs") for a in client.list_artifacts(outcome.run_id, folder)}
-        assert {"images/step_00003.png", "images/step_00006.png", RESULT_FILE, "inputs/content.png",
-                "inputs/style.png"} <= files
+        assert {"images/step_00003.png", "images/step_00006.png", RESULT_FILE, *INPUT_FILES} <= files
 
 
 def test_style_sweep_ranks_by_ref_loss_and_logs_a_contact_sheet(ray_cluster, mlflow_server, tmp_path):

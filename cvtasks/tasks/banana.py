@@ -28,6 +28,7 @@ from cvtasks import storage
 from cvtasks import transforms as T
 from cvtasks.box_augment import BoxAugment, detection_batch, resize
 from cvtasks.box_drawing import PALETTE, PREDICTION_COLOUR, TRUTH_COLOUR, draw_boxes, to_pixels
+from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
 from cvtasks.classification import TEXT_COLOUR, captioned_tile
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import banana as fmt
@@ -105,6 +106,12 @@ def draw_detections(image: np.ndarray, rows: np.ndarray, names: list[str]) -> np
 class BananaTask(Task):
     name = "banana"
     metric = "val_map50"
+    datasets = (Dataset(
+        "banana", "banana-detection", demo_writer="cvtasks.demo.banana:write", demo_cost=5,
+        download=Download(D2L_DATA_URL + "banana-detection.zip", "sha1", "5de26c8fce5ccdea9f91267273464dc968d20d72",
+                          "banana-detection"),
+    ),)
+    demo_steps = (DemoStep("banana", "banana", (ALL_CORES, "train.epochs=6")),)
     tensor_keys = ("image", "boxes")
     train_metrics = False
 

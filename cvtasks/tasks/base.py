@@ -24,17 +24,19 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cvtasks.catalog import Workload
+
 Batch = dict[str, np.ndarray]
 TensorBatch = dict[str, torch.Tensor]
 Config = dict[str, Any]
 
 
-class Task(ABC):
-    """One computer-vision workload: data format, augmentation, model, loss, metrics, pictures."""
+class Task(Workload, ABC):
+    """One computer-vision workload trained by Ray Train: data format, augmentation, model, loss, metrics, pictures.
 
-    name: ClassVar[str]
-    #: Headline validation metric (a key returned by ``summarize``), maximised by sweeps.
-    metric: ClassVar[str]
+    ``metric`` (see :class:`~cvtasks.catalog.Workload`) is a validation metric, a key returned by ``summarize``
+    with its "val_" prefix.
+    """
     #: Keys of the augmented batch that are model inputs / targets, moved to the device as tensors.
     tensor_keys: ClassVar[tuple[str, ...]] = ("image", "label")
     #: Whether ``metric_sums`` also runs on training batches (off where it is costly, e.g. mAP after NMS).

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from cvtasks.catalog import Dataset, DemoStep, Download
 from cvtasks.classification import ClassificationTask
 from cvtasks.formats import cifar
 from cvtasks.models.resnet import cifar_resnet18
@@ -19,6 +20,14 @@ from cvtasks.tasks.base import Batch, Config
 
 class Cifar10Task(ClassificationTask):
     name = "cifar10"
+    datasets = (Dataset(
+        "cifar10", "cifar-10-batches-py", demo_writer="cvtasks.demo.cifar:write", demo_cost=3,
+        # The CIFAR page publishes an MD5 only; this SHA-256 of the same 170,498,071-byte file is the one
+        # torchvision's prototype datasets and TFDS check.
+        download=Download("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "sha256",
+                          "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", "cifar-10-batches-py"),
+    ),)
+    demo_steps = (DemoStep("cifar10", "cifar10", ("train.epochs=3", "scaling.workers=2", "data.batch_size=64")),)
 
     def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
         return cifar.index(root, split)

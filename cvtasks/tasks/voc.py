@@ -27,6 +27,7 @@ from torch import nn
 
 from cvtasks import segmentation as seg
 from cvtasks import storage
+from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import voc
 from cvtasks.images import decode_rgb
@@ -68,6 +69,12 @@ def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
 class VocTask(Task):
     name = "voc"
     metric = "val_miou"
+    datasets = (Dataset(
+        "voc", "VOCdevkit", demo_writer="cvtasks.demo.voc:write", demo_cost=1, aliases=("voc2012",),
+        download=Download(D2L_DATA_URL + "VOCtrainval_11-May-2012.tar", "sha1",
+                          "4e443f8a2eca6b1dac8a6c57641b67dd40621a49", "VOCdevkit/VOC2012"),
+    ),)
+    demo_steps = (DemoStep("voc", "voc", (ALL_CORES, "train.epochs=6")),)
     tensor_keys = ("image", "mask")
 
     def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:

@@ -1,0 +1,21 @@
+"""Neural style transfer with VGG-19 features (d2l 13.12), declared as a task like the others.
+
+It optimises one image per content/style pair instead of training a model over a dataset, so its runner is
+"stylize" (pipelines/style.py: one Ray task per pair; Tune sweeps the loss weights) rather than Ray Train. The
+optimisation itself is :mod:`cvtasks.style`.
+"""
+
+from __future__ import annotations
+
+from cvtasks.catalog import DemoStep, Workload
+
+
+class StyleTask(Workload):
+    name = "style"
+    runner = "stylize"
+    #: unweighted losses under the fixed ``loss.ref_*`` weights: comparable across trials of different weights
+    metric = "ref_loss"
+    metric_mode = "min"
+    # 3 pairs x 0.66 CPU: all three at once on 2 cores (one thread each) rather than two and then one.
+    demo_steps = (DemoStep("style", "style", ("style.steps=150", "style.size=[96, 144]", "style.log_every=50",
+                                              "scaling.cpus_per_worker=0.66")),)

@@ -1,0 +1,45 @@
+"""What a sweep runs per trial, as each runner plans it (:mod:`pipelines.runners`), and each trial's config.
+
+Its own module, with no Ray import, so that a runner can make its plan without importing pipelines.tune, which
+imports the runners.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import set_path
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What each trial runs and how trials are ranked; each runner (:mod:`pipelines.runners`) makes its own. Ray
+    Train tasks: ``pipelines.tune.sweep_trial``, ``task.metric`` maximised, one report per epoch."""
+
+    trainable: Callable[[dict[str, Any]], None]
+    resources: dict[str, float]  # what each trial function itself holds
+    metric: str
+    mode: str  # "max" or "min"
+    max_t: int  # reports of a trial that runs to the end: ASHA's budget
+    register_model: bool  # whether trials log a model for the Model Registry
+    #: extra artifacts on the parent run: (client, parent_run_id, trial rows, searched config paths)
+    summarize: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
+    #: the ``scaling`` config of the Train workers each trial starts outside ``resources`` (Tune does not see them)
+    train_scaling: dict[str, Any] | None = None
+    #: (config, tracking URI) -> keyword arguments resolved once on the driver for every trial (tune.with_parameters)
+    shared: Callable[[dict, str], dict[str, Any]] | None = None
+    #: the base config with what trials would read from the dataset resolved on the driver (trials run on any node)
+    resolve: Callable[[dict], dict] = lambda cfg: cfg
+
+
+def trial_config(base: dict, sampled: dict[str, Any]) -> dict:
+    """``base`` with a trial's sampled values set at their dotted config paths."""
+    cfg = copy.deepcopy(base)
+    for path, value in sampled.items():
+        set_path(cfg, path, value)
+    return cfg
