@@ -30,14 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import nn
 
-from cvtasks import storage
+from cvtasks import pictures, storage
 from cvtasks import transforms as T
 from cvtasks.errors import DataFormatError
 from cvtasks.images import decode_rgb
-from cvtasks.segmentation import image_grid
 from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,8 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = 
 }
 RENDER_SAMPLES = 16
 RENDER_COLUMNS = 8
-TILE_MIN_SIDE = 96  # small inputs (CIFAR's 32 px) are enlarged to this, nearest-neighbour, to be readable
-CAPTION_LINE = 14  # pixels per caption line
-CAPTION_FONT_SIZE = 11
 CORRECT_COLOUR = (0, 128, 0)
 WRONG_COLOUR = (200, 0, 0)
-TEXT_COLOUR = (0, 0, 0)
 
 
 def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -88,31 +83,8 @@ def transform_images(images: np.ndarray | Sequence[np.ndarray], train: bool, cfg
 
 def display_images(images: np.ndarray | torch.Tensor, cfg: Config) -> np.ndarray:
     """Model inputs float (N, 3, H, W) -> uint8 (N, H, W, 3), undoing ``augment.normalize``."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().numpy()
     stats = normalization(cfg)
-    return T.denormalize_nchw(images, *(stats if stats is not None else (None, None)))
-
-
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=CAPTION_FONT_SIZE)
-
-
-def captioned_tile(image: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
-    """uint8 (H, W, 3), enlarged to at least ``TILE_MIN_SIDE`` wide, over a white strip with coloured text lines."""
-    tile = Image.fromarray(np.ascontiguousarray(image))
-    scale = max(1, -(-TILE_MIN_SIDE // tile.width))
-    tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
-    canvas = Image.new("RGB", (tile.width, tile.height + CAPTION_LINE * len(lines)), "white")
-    canvas.paste(tile, (0, 0))
-    draw, font = ImageDraw.Draw(canvas), _font()
-    for i, (text, colour) in enumerate(lines):
-        draw.text((2, tile.height + i * CAPTION_LINE), text, fill=colour, font=font)
-    return np.asarray(canvas)
-
-
-def grid(tiles: list[np.ndarray]) -> Image.Image:
-    return image_grid([tiles[i : i + RENDER_COLUMNS] for i in range(0, len(tiles), RENDER_COLUMNS)])
+    return pictures.denormalize(images, *(stats if stats is not None else (None, None)))
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -166,7 +138,8 @@ class ClassificationTask(Task):
         names = self.class_names(cfg)
         images = display_images(np.asarray(batch["image"][:RENDER_SAMPLES]), cfg)
         labels = np.asarray(batch["label"][:RENDER_SAMPLES])
-        return grid([captioned_tile(img, [(names[y], TEXT_COLOUR)]) for img, y in zip(images, labels, strict=True)])
+        return pictures.grid([pictures.captioned_tile(img, [(names[y], pictures.TEXT_COLOUR)])
+                              for img, y in zip(images, labels, strict=True)], RENDER_COLUMNS)
 
     def render_predictions(self, model: nn.Module, batch: TensorBatch, cfg: Config) -> Image.Image:
         """Validation samples captioned "true: ..." and "pred: ..." (green when right, red when wrong)."""
@@ -176,11 +149,11 @@ class ClassificationTask(Task):
             pred = model(inputs).argmax(dim=1).cpu().numpy()
         truth = batch["label"][:RENDER_SAMPLES].cpu().numpy()
         tiles = [
-            captioned_tile(img, [(f"true: {names[t]}", TEXT_COLOUR),
-                                 (f"pred: {names[p]}", CORRECT_COLOUR if p == t else WRONG_COLOUR)])
+            pictures.captioned_tile(img, [(f"true: {names[t]}", pictures.TEXT_COLOUR),
+                                          (f"pred: {names[p]}", CORRECT_COLOUR if p == t else WRONG_COLOUR)])
             for img, t, p in zip(display_images(inputs, cfg), truth, pred, strict=True)
         ]
-        return grid(tiles)
+        return pictures.grid(tiles, RENDER_COLUMNS)
 
     def resolve_for_workers(self, cfg: Config) -> Config:
         """Class names in the config (``data.class_names``): models are built from them on every worker."""
@@ -214,8 +187,8 @@ class ClassificationTask(Task):
         for path, p, s, shown in zip(paths, pred.tolist(), score.tolist(), display_images(inputs, cfg), strict=True):
             label = names[p] if names else str(p)
             records.append({"image": str(path), "class_id": p, "class": label, "probability": round(s, 4)})
-            tiles.append(captioned_tile(shown, [(f"{label} {s:.2f}", TEXT_COLOUR)]))
+            tiles.append(pictures.captioned_tile(shown, [(f"{label} {s:.2f}", pictures.TEXT_COLOUR)]))
         json_path, grid_path = out_dir / "predictions.json", out_dir / "predictions.png"
         json_path.write_text(json.dumps(records, indent=2))
-        grid(tiles).save(grid_path)
+        pictures.grid(tiles, RENDER_COLUMNS).save(grid_path)
         return [json_path, grid_path]

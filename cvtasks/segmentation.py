@@ -1,4 +1,5 @@
-"""Semantic segmentation helpers: paired image/mask transforms, confusion-matrix metrics, colouring and overlays.
+"""Semantic segmentation helpers: paired image/mask transforms and confusion-matrix metrics (colouring and overlays
+are in :mod:`cvtasks.pictures`).
 
 Formats: images are uint8 (H, W, 3) arrays before normalisation and float32 (N, 3, H, W) tensors after it; masks
 are (H, W) uint8 class indices before batching and int64 (N, H, W) after it, with ``ignore_index`` marking pixels
@@ -11,15 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-#: ImageNet channel statistics that torchvision's pretrained backbones expect (RGB, in [0, 1] units).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cvtasks import transforms as T
+
 #: Padding colour for images: the ImageNet mean, which normalises to exactly zero input.
-PAD_COLOR = tuple(round(255 * m) for m in IMAGENET_MEAN)
-UINT8_MAX = 255
+PAD_COLOR = tuple(round(T.UINT8_MAX * m) for m in T.IMAGENET_MEAN)
 
 
 def window(
@@ -74,20 +72,7 @@ def center_crop_pair(
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) standardised with the ImageNet mean and std."""
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    scaled = (images.astype(np.float32) / UINT8_MAX - mean) / std
-    return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
-
-
-def denormalize_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Inverse of :func:`normalize_images` for display: float (N, 3, H, W) -> uint8 (N, H, W, 3)."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().numpy()
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
-    pixels = (images * std + mean) * UINT8_MAX
-    return np.clip(np.rint(pixels), 0, UINT8_MAX).astype(np.uint8).transpose(0, 2, 3, 1)
+    return T.to_nchw(T.normalize(T.to_unit_float(images)))
 
 
 def paired_batch(
@@ -148,32 +133,6 @@ def constant_prediction_confusion(cm: torch.Tensor, class_index: int) -> torch.T
     constant = torch.zeros_like(cm)
     constant[:, class_index] = cm.sum(1)
     return constant
-
-
-def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Class mask (H, W) -> uint8 (H, W, 3) through a (256, 3) palette."""
-    return palette[np.asarray(mask, dtype=np.int64).clip(0, len(palette) - 1)]
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend class colours over an image (H, W, 3) uint8; background (class 0) pixels keep the image unchanged."""
-    colours = colorize(mask, palette).astype(np.float32)
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    out = np.where((np.asarray(mask) != 0)[..., None], blended, image.astype(np.float32))
-    return np.clip(np.rint(out), 0, UINT8_MAX).astype(np.uint8)
-
-
-def image_grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> Image.Image:
-    """Lay out uint8 (H, W, 3) tiles row by row on a white canvas, each cell the size of the largest tile."""
-    cell_h = max(tile.shape[0] for row in rows for tile in row)
-    cell_w = max(tile.shape[1] for row in rows for tile in row)
-    columns = max(len(row) for row in rows)
-    canvas = Image.new("RGB", (columns * (cell_w + gap) + gap, len(rows) * (cell_h + gap) + gap), "white")
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            corner = (gap + c * (cell_w + gap), gap + r * (cell_h + gap))
-            canvas.paste(Image.fromarray(np.ascontiguousarray(tile)), corner)
-    return canvas
 
 
 @torch.no_grad()

@@ -21,18 +21,14 @@ from PIL import Image
 from torch import nn
 from torch.optim.lr_scheduler import StepLR
 
-from cvtasks import storage
-from cvtasks.classification import captioned_tile
+from cvtasks import pictures, storage
 from cvtasks.errors import DataFormatError
 from cvtasks.images import check_rgb_convertible, decode_image, to_8bit
 from cvtasks.models.vgg import AUTO, DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, VGGFeatures, build_vgg_features
-from cvtasks.segmentation import image_grid
+from cvtasks.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-#: Channel statistics of ImageNet that torchvision's pretrained VGG-19 expects.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: VGG-19 halves an image 4 times before conv5_1 (style layer 28): 32 px leaves it a 2x2 map.
 MIN_IMAGE_SIDE = 32
 #: Transparent pixels are shown over white, as an image viewer would, not over whatever colour they hide.
@@ -47,7 +43,6 @@ DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gr
 #: (content, style) pairs of the demo: a colour stain texture, a grayscale brick wall, a star field.
 DEMO_PAIRS = (("chelsea", "immunohistochemistry"), ("astronaut", "brick"), ("coffee", "hubble_deep_field"))
 CONTACT_SHEET_COLUMNS = 4
-CAPTION_COLOUR = (0, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------- image input/output
@@ -120,11 +115,7 @@ def postprocess(x: torch.Tensor) -> Image.Image:
         if x.shape[0] != 1:
             raise ValueError(f"postprocess takes one image, got a batch of shape {tuple(x.shape)}")
         x = x[0]
-    x = x.detach().to("cpu", torch.float32)
-    mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
-    rgb = (x * std + mean).clamp(0.0, 1.0)
-    return Image.fromarray((rgb * MAX_8BIT).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    return Image.fromarray(pictures.denormalize(x[None])[0])
 
 
 # ------------------------------------------------------------------------------------------------------------ losses
@@ -301,6 +292,6 @@ def stylize(content_img: Image.Image, style_img: Image.Image, cfg: StyleConfig,
 def contact_sheet(images: Sequence[Image.Image], captions: Sequence[Sequence[str]],
                   columns: int = CONTACT_SHEET_COLUMNS) -> Image.Image:
     """Results side by side, ``columns`` per row, each over its caption lines (e.g. the weights it was made with)."""
-    tiles = [captioned_tile(np.asarray(img.convert("RGB")), [(line, CAPTION_COLOUR) for line in caption])
+    tiles = [pictures.captioned_tile(np.asarray(img.convert("RGB")), [(line, pictures.TEXT_COLOUR) for line in caption])
              for img, caption in zip(images, captions, strict=True)]
-    return image_grid([tiles[i : i + columns] for i in range(0, len(tiles), columns)])
+    return pictures.grid(tiles, columns)

@@ -63,15 +63,6 @@ def normalize(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
     return ((images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
-def denormalize_nchw(images: np.ndarray, mean: Sequence[float] | None = IMAGENET_MEAN,
-                     std: Sequence[float] | None = IMAGENET_STD) -> np.ndarray:
-    """Model input float (N, C, H, W) -> displayable uint8 (N, H, W, C); ``mean=None`` for unnormalised input."""
-    pixels = np.asarray(images, dtype=np.float32).transpose(0, 2, 3, 1)
-    if mean is not None:
-        pixels = pixels * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return np.clip(np.rint(pixels * UINT8_MAX), 0, UINT8_MAX).astype(np.uint8)
-
-
 # --- colour jitter (float32 NHWC in [0, 1]; one factor per image) -------------------------------------------------
 
 def _grayscale(images: np.ndarray) -> np.ndarray:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import io
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipelines.tracking import figure_png  # noqa: E402
+
+def figure_png(fig: Any) -> Image.Image:
+    """A matplotlib figure as an RGB image, cropped to what is drawn (MLflow logs PIL images)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
 
 
 def learning_curves(history: list[dict[str, float]]) -> Image.Image:

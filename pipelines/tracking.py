@@ -11,7 +11,6 @@ it back rebuilds the model from the run's ``config.yaml`` and loads the weights 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -178,13 +177,6 @@ def log_artifact_value(client: MlflowClient, run_id: str, name: str, value: Any)
         client.log_dict(run_id, value, name)
     else:
         client.log_text(run_id, str(value), name)
-
-
-def figure_png(fig: Any) -> Image.Image:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:

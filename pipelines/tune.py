@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # 
 
 from cvtasks import storage as storage_paths  # noqa: E402
 from cvtasks.tasks import get_task  # noqa: E402
-from pipelines import failures, logs, tracking  # noqa: E402
+from pipelines import failures, logs, plots, tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path  # noqa: E402
 from pipelines.handoff import ResolvedWeights  # noqa: E402
 from pipelines.runners import runner_for  # noqa: E402
@@ -335,6 +335,6 @@ def _metric_vs_params(trials: list[dict[str, Any]], metric: str, params: list[st
         ax.set_xlabel(param)
         ax.set_ylabel(metric)
     fig.tight_layout()
-    image = tracking.figure_png(fig)
+    image = plots.figure_png(fig)
     plt.close(fig)
     return image

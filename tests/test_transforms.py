@@ -7,6 +7,7 @@ import torchvision.transforms as tvt
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from cvtasks import pictures
 from cvtasks import transforms as T
 
 
@@ -83,8 +84,8 @@ def test_normalisation_values_and_round_trip():
     images = random_images(np.random.default_rng(0))
     nchw = T.to_nchw(T.normalize(T.to_unit_float(images)))
     assert nchw.shape == (4, 3, 9, 13) and nchw.dtype == np.float32
-    assert np.array_equal(T.denormalize_nchw(nchw), images)
-    assert np.array_equal(T.denormalize_nchw(T.to_nchw(T.to_unit_float(images)), None, None), images)
+    assert np.array_equal(pictures.denormalize(nchw), images)
+    assert np.array_equal(pictures.denormalize(T.to_nchw(T.to_unit_float(images)), None, None), images)
 
 
 def torchvision_per_image(fn, images, factors):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cvtasks import pictures
 from cvtasks import segmentation as seg
 from cvtasks.demo import voc as demo
 from cvtasks.errors import DataFormatError
@@ -156,7 +157,7 @@ def test_paired_crop_and_flip_keep_image_and_mask_aligned():
                                      rng=np.random.default_rng(0), hflip_prob=0.5, ignore_index=255)
     assert images.shape == (12, 3, *CROP) and images.dtype == np.float32
     assert masks.shape == (12, *CROP) and masks.dtype == np.int64
-    pixels = seg.denormalize_images(images).astype(np.int64)
+    pixels = pictures.denormalize(images).astype(np.int64)
     real = pixels[..., 2] == 0
     np.testing.assert_array_equal(masks[real], (pixels[..., 0] + pixels[..., 1])[real] % 20)
     np.testing.assert_array_equal(masks[~real], 255)
@@ -324,7 +325,7 @@ def test_predict_files_writes_palette_masks_overlays_and_class_shares(tmp_path):
     assert mask_png.mode == "P" and mask_png.getpalette()[: 3 * voc.NUM_CLASSES] == list(sum(voc.VOC_COLORMAP, ()))
     np.testing.assert_array_equal(voc.decode_mask((out / "street-2_mask.png").read_bytes(), "m"), expected)
     overlay = np.asarray(Image.open(out / "street-2_overlay.png"))
-    np.testing.assert_array_equal(overlay, seg.overlay(image, expected, voc.voc_palette()))
+    np.testing.assert_array_equal(overlay, pictures.overlay(image, expected, voc.voc_palette()))
     records = json.loads((out / "predictions.json").read_text())
     assert records[1] == {"image": str(paths[1]), "mask": "street-2_mask.png", "overlay": "street-2_overlay.png",
                           "class_pixel_share": {"background": round(30 / 45, 4), "car": round(15 / 45, 4)}}
@@ -343,5 +344,5 @@ def test_predict_files_runs_the_fcn_on_odd_sizes(tmp_path):
 
 def test_overlay_leaves_background_and_tints_objects():
     image = np.full((1, 2, 3), 100, dtype=np.uint8)
-    out = seg.overlay(image, np.array([[0, 1]]), voc.voc_palette(), alpha=0.5)
+    out = pictures.overlay(image, np.array([[0, 1]]), voc.voc_palette(), alpha=0.5)
     assert out.tolist() == [[[100, 100, 100], [114, 50, 50]]]

@@ -25,7 +25,7 @@ from PIL import Image
 from cvtasks import storage
 from cvtasks.errors import DataFormatError
 from cvtasks.images import decode_image, decode_rgb
-from cvtasks.segmentation import overlay
+from cvtasks.pictures import overlay
 
 DEVKIT_DIR = "VOCdevkit"
 YEAR_DIR = "VOC2012"

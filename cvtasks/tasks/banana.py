@@ -27,15 +27,23 @@ from cvtasks import detection as det
 from cvtasks import storage
 from cvtasks import transforms as T
 from cvtasks.box_augment import BoxAugment, detection_batch, resize
-from cvtasks.box_drawing import PALETTE, PREDICTION_COLOUR, TRUTH_COLOUR, draw_boxes, to_pixels
 from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
-from cvtasks.classification import TEXT_COLOUR, captioned_tile
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import banana as fmt
 from cvtasks.formats.imagefolder import PLACEHOLDER, object_array
 from cvtasks.images import decode_rgb
 from cvtasks.models.ssd import TinySSD
-from cvtasks.segmentation import image_grid
+from cvtasks.pictures import (
+    PALETTE,
+    PREDICTION_COLOUR,
+    TEXT_COLOUR,
+    TRUTH_COLOUR,
+    captioned_tile,
+    denormalize,
+    draw_boxes,
+    grid,
+    to_pixels,
+)
 from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
 
 log = logging.getLogger(__name__)
@@ -86,9 +94,7 @@ def shown(rows: torch.Tensor, cfg: Config, limit: int) -> torch.Tensor:
 
 def display(images: np.ndarray | torch.Tensor) -> np.ndarray:
     """Model inputs float (N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3)."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().numpy()
-    return T.denormalize_nchw(images, None, None)
+    return denormalize(images, None, None)
 
 
 def draw_truth(image: np.ndarray, boxes: np.ndarray, names: list[str]) -> np.ndarray:
@@ -196,7 +202,7 @@ class BananaTask(Task):
         images = display(np.asarray(batch["image"][:RENDER_SAMPLES]))
         boxes = np.asarray(batch["boxes"][:RENDER_SAMPLES])
         tiles = [draw_truth(im, b, names) for im, b in zip(images, boxes, strict=True)]
-        return image_grid([tiles[i : i + RENDER_COLUMNS] for i in range(0, len(tiles), RENDER_COLUMNS)])
+        return grid(tiles, RENDER_COLUMNS)
 
     def render_predictions(self, model: nn.Module, batch: TensorBatch, cfg: Config) -> Image.Image:
         """Validation images: truth in green, detections above ``detect.score_threshold`` in red with scores."""
@@ -207,7 +213,7 @@ class BananaTask(Task):
         truth = batch["boxes"][:RENDER_SAMPLES].cpu().numpy()
         tiles = [draw_detections(draw_truth(im, b, names), shown(rows, cfg, MAX_DRAWN).numpy(), names)
                  for im, b, rows in zip(display(images), truth, found, strict=True)]
-        return image_grid([tiles[i : i + RENDER_COLUMNS] for i in range(0, len(tiles), RENDER_COLUMNS)])
+        return grid(tiles, RENDER_COLUMNS)
 
     def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config,
                         val_batch: TensorBatch | None = None) -> dict[str, Any]:
@@ -245,7 +251,7 @@ class BananaTask(Task):
             tiles.append(captioned_tile(draw_boxes(image, to_pixels(cell_anchors, size, size), colours),
                                         [(f"{height}x{width} map, cell ({height // 2}, {width // 2})", TEXT_COLOUR),
                                          *legend]))
-        return image_grid([tiles])
+        return grid(tiles, len(tiles))
 
     def predict_files(self, model: nn.Module, paths: list[str], out_dir: Path, cfg: Config) -> list[Path]:
         """Per image ``NNN_<name>.png`` with its detections drawn, and ``detections.json``: per image its size and

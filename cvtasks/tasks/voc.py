@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cvtasks import pictures, storage
 from cvtasks import segmentation as seg
-from cvtasks import storage
 from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import voc
@@ -166,20 +166,21 @@ class VocTask(Task):
         }
 
     def render_inputs(self, batch: Batch, cfg: Config) -> Image.Image:
-        images = seg.denormalize_images(np.asarray(batch["image"][:RENDER_INPUTS]))
+        images = pictures.denormalize(np.asarray(batch["image"][:RENDER_INPUTS]))
         masks = np.asarray(batch["mask"][:RENDER_INPUTS])
-        tiles = [seg.overlay(image, mask, voc.voc_palette()) for image, mask in zip(images, masks, strict=True)]
-        return seg.image_grid([tiles[i : i + RENDER_COLUMNS] for i in range(0, len(tiles), RENDER_COLUMNS)])
+        tiles = [pictures.overlay(image, mask, voc.voc_palette()) for image, mask in zip(images, masks, strict=True)]
+        return pictures.grid(tiles, RENDER_COLUMNS)
 
     def render_predictions(self, model: nn.Module, batch: TensorBatch, cfg: Config) -> Image.Image:
         """Rows of input | prediction | truth (VOC colours; cream = ignored boundary). ``model`` in eval mode."""
         palette = voc.voc_palette()
         with torch.no_grad():
             pred = model(batch["image"][:RENDER_PREDICTIONS]).argmax(1).cpu().numpy()
-        images = seg.denormalize_images(batch["image"][:RENDER_PREDICTIONS])
+        images = pictures.denormalize(batch["image"][:RENDER_PREDICTIONS])
         truth = batch["mask"][:RENDER_PREDICTIONS].cpu().numpy()
-        return seg.image_grid([[image, seg.colorize(p, palette), seg.colorize(t, palette)]
-                               for image, p, t in zip(images, pred, truth, strict=True)])
+        tiles = [tile for image, p, t in zip(images, pred, truth, strict=True)
+                 for tile in (image, pictures.colorize(p, palette), pictures.colorize(t, palette))]
+        return pictures.grid(tiles, columns=3)  # input | prediction | truth
 
     def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config,
                         val_batch: TensorBatch | None = None) -> dict[str, Any]:
