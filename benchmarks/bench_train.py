@@ -9,8 +9,8 @@ Same demo data (CIFAR-10 pickled batches written to a temp folder), same model (
   ``examples_per_sec`` the loop reports per epoch (training pass only), read back from MLflow. Workers reserve at
   most 1 CPU each and leave 1 of the ``--cpus`` to Ray Data (2 workers on 2 CPUs: 0.5 each);
 - plain: the training images decoded and preprocessed once into in-memory tensors (the task's decode and evaluation
-  transform), then ``pipelines.loop.run_epoch`` -- the very step code Ray Train workers run -- over shuffled batches of
-  those tensors in this one process, no Ray at all.
+  transform), then ``pipelines.steps.train_one_epoch`` -- the very step Ray Train workers run -- over shuffled
+  batches of those tensors in this one process, no Ray at all.
 
 The ratio Ray/plain is therefore the cost (or gain, with 2 workers) of Ray Train + Ray Data over the bare compute;
 the plain loop runs before and after the Ray runs and the ratio uses the mean of the two.
@@ -44,8 +44,8 @@ from cvtasks.models.resnet import cifar_resnet18
 from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Config, TensorBatch
 from pipelines.config import load_config
-from pipelines.loop import make_optimizer, run_epoch
 from pipelines.report import format_table
+from pipelines.steps import make_optimizer, train_one_epoch
 from pipelines.train import run_training
 
 log = logging.getLogger("bench_train")
@@ -83,7 +83,7 @@ def shuffled_batches(data: TensorBatch, batch_size: int, generator: torch.Genera
 
 
 def bench_plain(cfg: Config, threads: int, when: str) -> Result:
-    """``run_epoch`` over in-memory tensors in this process; times the training pass of each epoch."""
+    """``train_one_epoch`` over in-memory tensors in this process; times the training pass of each epoch."""
     started = time.perf_counter()
     torch.set_num_threads(threads)
     torch.manual_seed(int(cfg["train"]["seed"]))
@@ -95,9 +95,8 @@ def bench_plain(cfg: Config, threads: int, when: str) -> Result:
     rates = []
     for epoch in range(int(cfg["train"]["epochs"])):
         batches = shuffled_batches(data, int(cfg["data"]["batch_size"]), generator)  # outside the timed pass
-        epoch_started = time.perf_counter()
-        _, _, seen = run_epoch(task, model, batches, cfg, torch.device("cpu"), optimizer=optimizer)
-        rates.append(seen / (time.perf_counter() - epoch_started))
+        sums = train_one_epoch(task, model, optimizer, batches, cfg, torch.device("cpu"))
+        rates.append(sums.examples / sums.seconds)
         log.info("plain epoch %d: %.1f examples/sec", epoch + 1, rates[-1])
     return Result(f"plain PyTorch ({when})", 1, threads, rates, time.perf_counter() - started)
 

@@ -37,8 +37,8 @@ from pipelines import failures, logs, tracking
 from pipelines.config import ConfigError, check_values
 from pipelines.data import build_split, should_cache, task_path
 from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
-from pipelines.loop import lr_factor, make_optimizer
 from pipelines.run_logging import FIRST_STEP_TAG
+from pipelines.steps import lr_factor, make_optimizer
 from pipelines.weights import check_weights, put_weights
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipelines.loop import lr_factor, make_optimizer, set_learning_rate
+from pipelines.steps import lr_factor, make_optimizer, set_learning_rate
 
 
 def test_cosine_matches_torch_cosine_annealing_stepped_per_epoch():

@@ -23,8 +23,9 @@ from cvtasks.models.vgg import resolve_vgg_weights
 from cvtasks.models.weights import load_state_dict_file
 from pipelines import tracking
 from pipelines.config import load_config
-from pipelines.loop import CHECKPOINT_FILE, load_checkpoint, make_optimizer
+from pipelines.loop import CHECKPOINT_FILE, load_checkpoint
 from pipelines.predict import load_logged_model, predict
+from pipelines.steps import make_optimizer
 from pipelines.weights import resolve_state_dict
 
 CIFAR_CLASSES = [f"class-{i}" for i in range(10)]
