@@ -2,10 +2,11 @@
 
 Why ResNet-18 FPN rather than ``fasterrcnn_mobilenet_v3_large_320_fpn``: the MobileNet model is tuned for 320 px
 inputs upscaled from larger photos (its two feature maps have strides 16 and 32, i.e. 8x8 and 4x4 cells at 128 px,
-too coarse for bananas a fifth of the image wide) and for ImageNet weights behind frozen batch norm; from scratch
-its depthwise stack learns slowly. ResNet-18's ``layer2``-``layer4`` give strides 8, 16 and 32 (16x16 down to 4x4 at
-128 px), plain convolutions with trainable batch norm train from scratch in a few epochs, and its weights are the
-ones raycv already resolves (``model.weights=imagenet`` is torchvision's ResNet-18, a hotdog run's model is a
+too coarse for demo bananas a tenth to a fifth of the image wide) and for ImageNet weights behind frozen batch norm
+(not measured here against this model). ResNet-18's ``layer2``-``layer4`` give strides 8, 16 and 32 (16x16 down to
+4x4 at 128 px), plain convolutions with trainable batch norm learn from scratch (on the demo data the RPN's proposals
+find the bananas in an epoch; the box head takes longer, see README), and its weights are the ones raycv already
+resolves (``model.weights=imagenet`` is torchvision's ResNet-18, a hotdog run's model is a
 ResNet-18). The FPN and box head are narrowed (``fpn_channels``, ``representation``) from torchvision's 256 / 1024,
 which would cost most of the compute at this input size.
 
