@@ -8,6 +8,10 @@ boxes and pads every image's boxes to ``data.max_objects`` rows (class -1).
 Loss: ``loss.cls_weight`` x cross-entropy over anchor classes + ``loss.bbox_weight`` x masked L1 over offsets.
 Metrics (validation only: mAP needs NMS per image): ``class_err`` and ``bbox_mae`` as d2l reports them, and
 ``map50``, VOC-style mAP at IoU 0.5 over all detections after NMS, from histograms summed over workers.
+
+``model.name=fasterrcnn`` trains a two-stage Faster R-CNN (:mod:`cvtasks.two_stage`) on the same batches instead:
+the loss is the ``loss.<name>_weight``-weighted sum of its four losses, map50 comes from its detections as above,
+and class_err / bbox_mae count per ground-truth box (:func:`cvtasks.two_stage.box_sums`), not per anchor.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from cvtasks import detection as det
-from cvtasks import storage
+from cvtasks import storage, two_stage
 from cvtasks import transforms as T
 from cvtasks.box_augment import BoxAugment, detection_batch, resize
 from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
@@ -32,7 +36,9 @@ from cvtasks.errors import DataFormatError
 from cvtasks.formats import banana as fmt
 from cvtasks.formats.imagefolder import PLACEHOLDER, object_array
 from cvtasks.images import decode_rgb
+from cvtasks.models.fasterrcnn import build_fasterrcnn
 from cvtasks.models.ssd import TinySSD
+from cvtasks.models.weights import SCRATCH
 from cvtasks.pictures import (
     PALETTE,
     PREDICTION_COLOUR,
@@ -55,6 +61,11 @@ RENDER_COLUMNS = 4
 #: Most detections drawn per image in pictures, and written per image by predict (highest confidence first).
 MAX_DRAWN = 10
 MAX_PREDICTED = 100
+#: ``model.name`` values: the single-shot TinySSD and the two-stage Faster R-CNN.
+MODELS = ("tinyssd", "fasterrcnn")
+#: RPN proposals drawn per image beside a two-stage model's detections.
+PROPOSALS_DRAWN = 10
+PROPOSAL_COLOUR = PALETTE[0]
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -74,8 +85,18 @@ def box_augment(cfg: Config) -> BoxAugment:
     )
 
 
+def model_name(cfg: Config) -> str:
+    """``model.name``; TinySSD where a config has none (runs logged before there was a choice)."""
+    name = str(cfg["model"].get("name", MODELS[0]))
+    if name not in MODELS:
+        raise ValueError(f"model.name must be one of {', '.join(MODELS)}, got {name!r}")
+    return name
+
+
 def detections(model: nn.Module, images: torch.Tensor, cfg: Config) -> torch.Tensor:
     """[B, K, 6] rows (class or -1, confidence, x1, y1, x2, y2) of ``model`` on model-ready ``images``."""
+    if two_stage.is_two_stage(model):
+        return two_stage.detections(model, images)
     return detect(*model(images), cfg)
 
 
@@ -168,24 +189,41 @@ class BananaTask(Task):
         return {"image": image, "boxes": padded}
 
     def build_model(self, cfg: Config) -> nn.Module:
+        """TinySSD, or Faster R-CNN with ``model.weights`` for ``model.name=fasterrcnn``."""
+        spec = str(cfg["model"].get("weights", SCRATCH))
+        if model_name(cfg) == "fasterrcnn":
+            return build_fasterrcnn(len(class_names(cfg)), cfg["model"]["fasterrcnn"], cfg["detect"], spec)
+        if spec != SCRATCH:
+            raise ValueError(f"model.weights={spec}: TinySSD trains from scratch; pretrained weights are for "
+                             "model.name=fasterrcnn")
         return TinySSD(len(class_names(cfg)), width=float(cfg["model"]["width"]))
 
-    def forward(self, model: nn.Module, batch: TensorBatch) -> det.SSDOutput:
+    def forward(self, model: nn.Module, batch: TensorBatch) -> det.SSDOutput | two_stage.TwoStageOutput:
+        if two_stage.is_two_stage(model):
+            return two_stage.forward(model, batch["image"], batch["boxes"])
         return det.forward(model, batch["image"], batch["boxes"])
 
-    def loss(self, out: det.SSDOutput, batch: TensorBatch,
+    def loss(self, out: det.SSDOutput | two_stage.TwoStageOutput, batch: TensorBatch,
              cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``loss.cls_weight`` x class cross-entropy + ``loss.bbox_weight`` x masked offset L1; parts unweighted."""
+        """``loss.cls_weight`` x class cross-entropy + ``loss.bbox_weight`` x masked offset L1; parts unweighted.
+        Faster R-CNN: :func:`cvtasks.two_stage.weighted_loss`."""
+        if isinstance(out, two_stage.TwoStageOutput):
+            return two_stage.weighted_loss(out, cfg["loss"])
         cls, bbox = det.loss_parts(out.cls_preds, out.bbox_preds, out.target)
         total = float(cfg["loss"]["cls_weight"]) * cls + float(cfg["loss"]["bbox_weight"]) * bbox
         return total, {"cls": cls.detach(), "bbox": bbox.detach()}
 
-    def metric_sums(self, out: det.SSDOutput, batch: TensorBatch, cfg: Config) -> dict[str, torch.Tensor]:
-        sums = det.anchor_sums(out.cls_preds, out.bbox_preds, out.target)
-        found = detect(out.anchors, out.cls_preds, out.bbox_preds, cfg)
+    def metric_sums(self, out: det.SSDOutput | two_stage.TwoStageOutput, batch: TensorBatch,
+                    cfg: Config) -> dict[str, torch.Tensor]:
+        if isinstance(out, two_stage.TwoStageOutput):
+            found = out.detections
+            sums = two_stage.box_sums(found, batch["boxes"], float(cfg["detect"]["score_threshold"]), MAP_IOU)
+        else:
+            sums = det.anchor_sums(out.cls_preds, out.bbox_preds, out.target)
+            found = detect(out.anchors, out.cls_preds, out.bbox_preds, cfg)
         sums.update(det.ap_sums(found, batch["boxes"], len(class_names(cfg)), MAP_IOU,
                                 int(cfg["detect"]["score_bins"])))
-        return {k: v.to(out.cls_preds.device) for k, v in sums.items()}
+        return {k: v.to(batch["boxes"].device) for k, v in sums.items()}
 
     def summarize(self, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, float]:
         """``map50``; ``class_err`` (share of anchors with a wrong class) and ``bbox_mae`` (mean |offset error| over
@@ -205,7 +243,10 @@ class BananaTask(Task):
         return grid(tiles, RENDER_COLUMNS)
 
     def render_predictions(self, model: nn.Module, batch: TensorBatch, cfg: Config) -> Image.Image:
-        """Validation images: truth in green, detections above ``detect.score_threshold`` in red with scores."""
+        """Validation images: truth in green, detections above ``detect.score_threshold`` in red with scores.
+        A two-stage model's tiles come in pairs: its RPN's best proposals, then its detections."""
+        if two_stage.is_two_stage(model):
+            return self.two_stage_predictions(model, batch, cfg)
         names = class_names(cfg)
         images = batch["image"][:RENDER_SAMPLES]
         with torch.no_grad():
@@ -215,12 +256,26 @@ class BananaTask(Task):
                  for im, b, rows in zip(display(images), truth, found, strict=True)]
         return grid(tiles, RENDER_COLUMNS)
 
+    def two_stage_predictions(self, model: nn.Module, batch: TensorBatch, cfg: Config) -> Image.Image:
+        """Per validation image: its ``PROPOSALS_DRAWN`` best RPN proposals (blue, best first) beside the truth and
+        the final detections, i.e. what the RoI heads made of the proposals."""
+        names, images = class_names(cfg), batch["image"][:RENDER_SAMPLES]
+        with torch.no_grad():
+            found = detections(model, images, cfg).cpu()
+            regions = [r.cpu().numpy() for r in two_stage.proposals(model, images, PROPOSALS_DRAWN)]
+        truth = batch["boxes"][:RENDER_SAMPLES].cpu().numpy()
+        tiles = []
+        for image, boxes, rows, proposed in zip(display(images), truth, found, regions, strict=True):
+            tiles.append(draw_boxes(image, to_pixels(proposed, *image.shape[:2]), PROPOSAL_COLOUR))
+            tiles.append(draw_detections(draw_truth(image, boxes, names), shown(rows, cfg, MAX_DRAWN).numpy(), names))
+        return grid(tiles, RENDER_COLUMNS)
+
     def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config,
                         val_batch: TensorBatch | None = None) -> dict[str, Any]:
-        """``plots/anchors_one_cell.png`` (the anchors of the centre cell of each feature map, over the first
-        image of ``val_batch``) and ``metrics/val_ap50_per_class.json``."""
+        """``plots/anchors_one_cell.png`` (TinySSD: the anchors of the centre cell of each feature map, over the
+        first image of ``val_batch``) and ``metrics/val_ap50_per_class.json``."""
         out: dict[str, Any] = {}
-        if val_batch is not None:
+        if val_batch is not None and not two_stage.is_two_stage(model):
             out["plots/anchors_one_cell.png"] = self.anchor_picture(model, val_batch["image"][:1])
         if "tp_hist" in sums:
             ap = det.average_precision(sums["tp_hist"], sums["fp_hist"], sums["gt_count"])
