@@ -72,7 +72,7 @@ class PerSampleDataset(Dataset):
     """The task's decode + augment applied to one index row per ``__getitem__``, as torchvision datasets do."""
 
     def __init__(self, task: Task, cfg: Config, split: str) -> None:
-        index = task.index(cfg["data"]["root"], split, cfg)
+        index = task.index(split, cfg)
         self.columns = {col: index[col].to_numpy() for col in index.columns}
         self.task, self.cfg = task, cfg
         self.rng: np.random.Generator | None = None  # created in each worker, after the fork
@@ -122,7 +122,7 @@ class Side:
 
 
 def dataloader_side(task: Task, cfg: Config, workers: int) -> Side:
-    batch_size = int(cfg["data"]["batch_size"])
+    batch_size = cfg.data.batch_size
 
     def setup() -> DataLoader:
         return DataLoader(PerSampleDataset(task, cfg, "train"), batch_size=batch_size, shuffle=True,
@@ -132,7 +132,7 @@ def dataloader_side(task: Task, cfg: Config, workers: int) -> Side:
 
 
 def ray_side(task: Task, cfg: Config) -> Side:
-    batch_size = int(cfg["data"]["batch_size"])
+    batch_size = cfg.data.batch_size
     return Side(f"{task.name} Ray Data", lambda: build_split(task, cfg, "train", train=True).dataset,
                 lambda ds: ds.iter_torch_batches(batch_size=batch_size))
 
@@ -142,17 +142,15 @@ def warm_up_ray(configs: list[Config]) -> None:
     imports the task modules (torch, PIL) there and touches the object store, once-per-session costs that should
     not count against one dataset."""
     for cfg in configs:
-        count_images(ray_side(get_task(cfg["task"]), cfg).setup().iter_torch_batches())
+        count_images(ray_side(get_task(cfg.task), cfg).setup().iter_torch_batches())
 
 
 def task_configs(root: Path, args: argparse.Namespace) -> list[Config]:
     cifar = load_config("cifar10", overrides=[f"data.root={root}"])
     hotdog = load_config("hotdog", overrides=[f"data.root={root}", f"augment.size={args.hotdog_size}",
                                               f"augment.resize_size={args.hotdog_resize}"])
-    for cfg, batch_size in ((cifar, args.cifar_batch), (hotdog, args.hotdog_batch)):
-        if batch_size:
-            cfg["data"]["batch_size"] = batch_size
-    return [cifar, hotdog]
+    return [cfg.with_values({"data.batch_size": batch_size}) if batch_size else cfg
+            for cfg, batch_size in ((cifar, args.cifar_batch), (hotdog, args.hotdog_batch))]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -181,7 +179,7 @@ def main(argv: list[str]) -> None:
         demo_cifar.write(warm_root, seed=1, n_train=DECODE_BATCH * BLOCKS_PER_CPU * args.cpus, n_test=DECODE_BATCH)
         demo_hotdog.write(warm_root, seed=1, n_train_per_class=WARM_UP_HOTDOG, n_test_per_class=WARM_UP_HOTDOG)
         # DataLoader workers (persistent) fork before Ray starts: a process running Ray should not fork.
-        loaders = [dataloader_side(get_task(cfg["task"]), cfg, args.cpus) for cfg in configs]
+        loaders = [dataloader_side(get_task(cfg.task), cfg, args.cpus) for cfg in configs]
         for side in loaders:
             side.run_first()
         started = time.perf_counter()
@@ -194,7 +192,7 @@ def main(argv: list[str]) -> None:
             warm_up_ray(task_configs(warm_root, args))
             warm_seconds = time.perf_counter() - started
             log.info("ray.init %.2f s, worker warm-up %.2f s", init_seconds, warm_seconds)
-            rays = [ray_side(get_task(cfg["task"]), cfg) for cfg in configs]
+            rays = [ray_side(get_task(cfg.task), cfg) for cfg in configs]
             for side in rays:
                 side.run_first()
             # Steady epochs alternate between the two sides, so load from other processes hits both alike.
@@ -209,7 +207,7 @@ def main(argv: list[str]) -> None:
         r, d = ray_pipeline.timing, loader.timing
         for phase, ray_rate, loader_rate in (("epoch 1", r.first_rate, d.first_rate),
                                              ("steady", r.steady_rate, d.steady_rate)):
-            rows.append([cfg["task"], cfg["data"]["batch_size"], phase, round(ray_rate), round(loader_rate),
+            rows.append([cfg.task, cfg.data.batch_size, phase, round(ray_rate), round(loader_rate),
                          round(ray_rate / loader_rate, 2)])
     print()
     print(format_table(["task", "batch", "epochs", "Ray img/s", "DataLoader img/s", "Ray/DataLoader"], rows))

@@ -70,8 +70,8 @@ class Result:
 
 def preprocessed_tensors(cfg: Config) -> TensorBatch:
     """The whole training split, decoded and given the evaluation transform once, as tensors."""
-    task = get_task(cfg["task"])
-    index = task.index(cfg["data"]["root"], "train", cfg)
+    task = get_task(cfg.task)
+    index = task.index("train", cfg)
     decoded = task.decode({col: index[col].to_numpy() for col in index.columns}, cfg)
     ready = task.augment(decoded, False, cfg, np.random.default_rng(0))
     return {key: torch.from_numpy(ready[key]) for key in task.tensor_keys}
@@ -86,15 +86,15 @@ def bench_plain(cfg: Config, threads: int, when: str) -> Result:
     """``train_one_epoch`` over in-memory tensors in this process; times the training pass of each epoch."""
     started = time.perf_counter()
     torch.set_num_threads(threads)
-    torch.manual_seed(int(cfg["train"]["seed"]))
-    task = get_task(cfg["task"])
+    torch.manual_seed(cfg.train.seed)
+    task = get_task(cfg.task)
     data = preprocessed_tensors(cfg)
-    model = cifar_resnet18(num_classes=len(task.class_names(cfg)), width=int(cfg["model"]["width"]))
-    optimizer = make_optimizer(task.param_groups(model, cfg), cfg["optim"])
+    model = cifar_resnet18(num_classes=len(task.class_names(cfg)), width=cfg.model.width)
+    optimizer = make_optimizer(task.param_groups(model, cfg), cfg.optim)
     generator = torch.Generator().manual_seed(0)
     rates = []
-    for epoch in range(int(cfg["train"]["epochs"])):
-        batches = shuffled_batches(data, int(cfg["data"]["batch_size"]), generator)  # outside the timed pass
+    for epoch in range(cfg.train.epochs):
+        batches = shuffled_batches(data, cfg.data.batch_size, generator)  # outside the timed pass
         sums = train_one_epoch(task, model, optimizer, batches, cfg, torch.device("cpu"))
         rates.append(sums.examples / sums.seconds)
         log.info("plain epoch %d: %.1f examples/sec", epoch + 1, rates[-1])
@@ -110,13 +110,13 @@ def cpus_per_worker(cpus: int, workers: int) -> float:
 
 def bench_ray_train(cfg: Config, workers: int, cpus: int, tracking_uri: str, storage: str, threads: int = 0) -> Result:
     """``threads``: torch intra-op threads per worker (0: Ray's one thread for a worker of up to 1 CPU)."""
-    cfg = {**cfg, "scaling": {**cfg["scaling"], "workers": workers, "cpus_per_worker": cpus_per_worker(cpus, workers),
-                              "torch_threads": threads}}
+    cfg = cfg.with_values({"scaling.workers": workers, "scaling.cpus_per_worker": cpus_per_worker(cpus, workers),
+                           "scaling.torch_threads": threads})
     outcome = run_training(cfg, tracking_uri, storage=storage)
     history = sorted(MlflowClient(tracking_uri).get_metric_history(outcome.run_id, EXAMPLES_KEY),
                      key=lambda m: m.step)
     rates = [m.value for m in history]
-    label = f"Ray Train, {workers} worker(s) x {cfg['scaling']['cpus_per_worker']:g} CPU"
+    label = f"Ray Train, {workers} worker(s) x {cfg.scaling.cpus_per_worker:g} CPU"
     if threads:
         label += f", {threads} torch threads"
     log.info("%s: examples/sec per epoch %s", label, [round(r, 1) for r in rates])
@@ -159,12 +159,12 @@ def main(argv: list[str]) -> None:
             ray.shutdown()
         plain_after = bench_plain(cfg, args.plain_threads, "after Ray")
     plain_steady = (plain_before.steady + plain_after.steady) / 2
-    rows = [[r.label, r.threads, cfg["data"]["batch_size"], r.rates[0], r.steady, r.steady / plain_steady,
+    rows = [[r.label, r.threads, cfg.data.batch_size, r.rates[0], r.steady, r.steady / plain_steady,
              r.wall_seconds] for r in (plain_before, plain_after, *results)]
     print()
     print(format_table(["run", "threads/worker", "batch/worker", "epoch 1 ex/s", "steady ex/s",
                         "steady vs plain (mean)", "wall s"], rows))
-    print(f"\n{args.train_images} training images x {args.epochs} epochs, model width {cfg['model']['width']}, "
+    print(f"\n{args.train_images} training images x {args.epochs} epochs, model width {cfg.model.width}, "
           f"Ray on {args.cpus} CPUs; ray.init {init_seconds:.2f} s (not in wall s).")
 
 

@@ -123,7 +123,7 @@ def run(root: Path, images: int, object_store_mb: int, crop: tuple[int, int], ca
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        index = task.index(str(root), "train", cfg)
+        index = task.index("train", cfg)
         estimate = int(row_bytes(task, cfg, index).decoded * len(index))
         store = ray.available_resources()["object_store_memory"]
         log.info("decoded split ~%.0f MB; object store %.0f MB -> auto would %s", estimate / MB, store / MB,
@@ -133,7 +133,7 @@ def run(root: Path, images: int, object_store_mb: int, crop: tuple[int, int], ca
             start = time.perf_counter()
             split = build_split(task, cfg, "train", train=True)
             rows = 0
-            for batch in split.dataset.iter_batches(batch_size=int(cfg["data"]["batch_size"]), batch_format="numpy"):
+            for batch in split.dataset.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy"):
                 rows += len(batch["mask"])
             seconds = time.perf_counter() - start
         report(images, rows, seconds, split.cached, estimate, sampler, baseline, crop, cfg)
@@ -145,7 +145,7 @@ def report(images: int, rows: int, seconds: float, cached: bool, estimate: int, 
            baseline: int, crop: tuple[int, int], cfg: dict) -> None:
     """Print the measured numbers for people (benchmark output)."""
     print(f"VOC-scale pipeline: {images} images (sides {SIDE_RANGE[0]}-{SIDE_RANGE[1]} px), crop {crop[0]}x{crop[1]}, "
-          f"batch {cfg['data']['batch_size']}, data.cache={cfg['data']['cache']} -> "
+          f"batch {cfg.data.batch_size}, data.cache={cfg.data.cache} -> "
           f"{'cached' if cached else 'streamed'}")
     print(f"one epoch: {rows} rows in {seconds:.1f} s ({rows / seconds:.1f} images/s), {sampler.samples} samples")
     print(f"decoded split (estimate):      {estimate / MB:9.0f} MB")

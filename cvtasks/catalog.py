@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from cvtasks.settings import Section
+
 #: d2l's data hub (``d2l.DATA_URL``), where the book's datasets are downloaded from.
 D2L_DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/"
 
@@ -90,3 +92,6 @@ class Workload:
     config_file: ClassVar[Path | None] = None
     datasets: ClassVar[tuple[Dataset, ...]] = ()
     demo_steps: ClassVar[tuple[DemoStep, ...]] = ()
+    #: The config sections the task owns or extends (name -> Section subclass); the shared ones
+    #: (:data:`cvtasks.settings.SHARED`) apply where it declares none.
+    sections: ClassVar[dict[str, type[Section]]] = {}

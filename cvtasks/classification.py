@@ -24,6 +24,7 @@ import json
 import logging
 from abc import abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from cvtasks import pictures, storage
 from cvtasks import transforms as T
 from cvtasks.errors import DataFormatError
 from cvtasks.images import decode_rgb
+from cvtasks.settings import DataSection, Section
 from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,26 @@ CORRECT_COLOUR = (0, 128, 0)
 WRONG_COLOUR = (200, 0, 0)
 
 
+@dataclass(frozen=True)
+class ClassificationData(DataSection):
+    #: class names in label order, put here by the driver (``resolve_for_workers``) or a logged model; empty: read
+    #: from the dataset
+    class_names: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ClassificationAugment(Section):
+    policy: str
+    size: int
+    resize_size: int
+    crop_scale: list[float]
+    crop_ratio: list[float]
+    color: dict[str, float]
+    normalize: str
+
+
 def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    name = cfg["augment"]["normalize"]
+    name = cfg.augment.normalize
     if name not in NORMALIZATIONS:
         raise ValueError(f'Unknown augment.normalize "{name}": use {" or ".join(NORMALIZATIONS)}')
     return NORMALIZATIONS[name]
@@ -61,20 +81,19 @@ def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | 
 
 def transform_images(images: np.ndarray | Sequence[np.ndarray], train: bool, cfg: Config,
                      rng: np.random.Generator) -> np.ndarray:
-    """Decoded uint8 images -> float32 (N, 3, size, size) as ``cfg["augment"]`` says (random steps only if
+    """Decoded uint8 images -> float32 (N, 3, size, size) as ``cfg.augment`` says (random steps only if
     ``train``)."""
-    aug = cfg["augment"]
-    policy = T.get_policy(aug["policy"]) if train else T.EVAL_POLICY
-    size = int(aug["size"])
+    aug: ClassificationAugment = cfg.augment
+    policy = T.get_policy(aug.policy) if train else T.EVAL_POLICY
     if policy.crop:
-        pixels = T.random_resized_crop(images, size, rng, scale=aug["crop_scale"], ratio=aug["crop_ratio"])
+        pixels = T.random_resized_crop(images, aug.size, rng, scale=aug.crop_scale, ratio=aug.crop_ratio)
     else:
-        pixels = T.resize_center_crop(images, int(aug["resize_size"]), size)
+        pixels = T.resize_center_crop(images, aug.resize_size, aug.size)
     if policy.flip:
         pixels = T.hflip(pixels, rng)
     x = T.to_unit_float(pixels)
     if policy.color:
-        x = T.color_jitter(x, rng, **{k: float(v) for k, v in aug["color"].items()})
+        x = T.color_jitter(x, rng, **aug.color)
     stats = normalization(cfg)
     if stats is not None:
         x = T.normalize(x, *stats)
@@ -97,6 +116,7 @@ class ClassificationTask(Task):
     """Base of single-label classification tasks; subclasses read their format and build their model."""
 
     metric = "val_acc"
+    sections = {"data": ClassificationData, "augment": ClassificationAugment}
 
     def __init__(self) -> None:
         self._class_names: dict[str, list[str]] = {}
@@ -108,9 +128,9 @@ class ClassificationTask(Task):
     def class_names(self, cfg: Config) -> list[str]:
         """``data.class_names`` where the config carries them (a model rebuilt for prediction away from its training
         data), else :meth:`read_class_names`, read once per dataset root."""
-        if cfg["data"].get("class_names"):
-            return list(cfg["data"]["class_names"])
-        key = f"{cfg['data']['root']}|{cfg['data'].get('dataset', '')}"
+        if cfg.data.class_names:
+            return list(cfg.data.class_names)
+        key = f"{cfg.data.root}|{getattr(cfg.data, 'dataset', '')}"
         if key not in self._class_names:
             self._class_names[key] = self.read_class_names(cfg)
         return self._class_names[key]
@@ -157,7 +177,7 @@ class ClassificationTask(Task):
 
     def resolve_for_workers(self, cfg: Config) -> Config:
         """Class names in the config (``data.class_names``): models are built from them on every worker."""
-        return {**cfg, "data": {**cfg["data"], "class_names": self.class_names(cfg)}}
+        return cfg.with_values({"data.class_names": self.class_names(cfg)})
 
     def extra_artifacts(self, model: nn.Module, sums: dict[str, torch.Tensor], cfg: Config,
                         val_batch: TensorBatch | None = None) -> dict[str, Any]:

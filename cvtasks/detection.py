@@ -19,6 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cvtasks import boxes as B
+from cvtasks.settings import Section
+
+
+@dataclass(frozen=True)
+class DetectSettings(Section):
+    """The ``detect`` section: post-processing of detections into boxes, and what is shown and binned."""
+
+    nms_threshold: float  # NMS drops a box whose IoU with a better one exceeds this
+    pos_threshold: float  # detections less confident than this are background
+    max_candidates: int  # most confident candidates per image that enter NMS
+    score_threshold: float  # pictures and predict show detections at least this confident
+    score_bins: int  # confidence bins of the mAP histograms (additive across workers)
 
 DEFAULT_SCORE_BINS = 1000
 #: An IoU below every real one, for pairs that must never match (other class, padding).

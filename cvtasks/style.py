@@ -179,7 +179,7 @@ def loss_terms(image: torch.Tensor, contents: Sequence[torch.Tensor], styles: Se
 
 @dataclass(frozen=True)
 class StyleConfig:
-    """Settings of one style transfer; :meth:`from_dict` reads them from the task config's sections."""
+    """Settings of one style transfer; :meth:`from_config` reads them from the task config's sections."""
 
     size: tuple[int, int] = (300, 450)  # (h, w) of the synthesised image (d2l)
     steps: int = 500
@@ -209,25 +209,18 @@ class StyleConfig:
                 raise ValueError(f"loss weights must be >= 0, got {weights}")
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> StyleConfig:
-        """Read ``style``, ``optim``, ``loss`` and ``train.seed`` of a style config (pipelines/configs/style.yaml)."""
-        style, optim, loss = cfg["style"], cfg["optim"], cfg["loss"]
-        if optim.get("name", "adam") != "adam":
-            raise ValueError(f'style transfer optimises with adam only, got optim.name "{optim["name"]}"')
+    def from_config(cls, cfg: Any) -> StyleConfig:
+        """The settings of the style task's typed config (``style``, ``optim``, ``loss`` sections and
+        ``train.seed``; see pipelines/configs/style.yaml)."""
+        style, optim, loss = cfg.style, cfg.optim, cfg.loss
+        if optim.name != "adam":
+            raise ValueError(f'style transfer optimises with adam only, got optim.name "{optim.name}"')
         return cls(
-            size=tuple(int(side) for side in style["size"]),
-            steps=int(style["steps"]),
-            log_every=int(style["log_every"]),
-            weights=str(style["weights"]),
-            style_layers=tuple(int(i) for i in style["style_layers"]),
-            content_layers=tuple(int(i) for i in style["content_layers"]),
-            loss=LossWeights(float(loss["content_weight"]), float(loss["style_weight"]), float(loss["tv_weight"])),
-            reference=LossWeights(float(loss["ref_content_weight"]), float(loss["ref_style_weight"]),
-                                  float(loss["ref_tv_weight"])),
-            lr=float(optim["lr"]),
-            lr_step=int(optim["lr_step"]),
-            lr_gamma=float(optim["lr_gamma"]),
-            seed=int(cfg.get("train", {}).get("seed", 0)),
+            size=tuple(style.size), steps=style.steps, log_every=style.log_every, weights=style.weights,
+            style_layers=tuple(style.style_layers), content_layers=tuple(style.content_layers),
+            loss=LossWeights(loss.content_weight, loss.style_weight, loss.tv_weight),
+            reference=LossWeights(loss.ref_content_weight, loss.ref_style_weight, loss.ref_tv_weight),
+            lr=optim.lr, lr_step=optim.lr_step, lr_gamma=optim.lr_gamma, seed=cfg.train.seed,
         )
 
 

@@ -132,9 +132,9 @@ def forward(model: nn.Module, images: Tensor, boxes: Tensor) -> TwoStageOutput:
                           to_rows(found, height, width, net.roi_heads.detections_per_img))
 
 
-def weighted_loss(out: TwoStageOutput, loss_cfg: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Sum of each loss times ``loss_cfg["<name>_weight"]``, and the losses unweighted (detached)."""
-    total = sum(float(loss_cfg[f"{name}_weight"]) * value for name, value in out.losses.items())
+def weighted_loss(out: TwoStageOutput, weights: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sum of each loss times ``weights.<name>_weight`` (the ``loss`` section), and the losses unweighted."""
+    total = sum(getattr(weights, f"{name}_weight") * value for name, value in out.losses.items())
     return total, {name: value.detach() for name, value in out.losses.items()}
 
 

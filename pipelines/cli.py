@@ -8,6 +8,7 @@ import os
 import sys
 
 from cvtasks.errors import DataFormatError
+from cvtasks.settings import TaskConfig
 from cvtasks.tasks import task_names
 from pipelines import logs
 from pipelines.config import ConfigError, load_config
@@ -37,7 +38,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="Ray Train checkpoint storage (default: $RAYCV_STORAGE or ./ray_results)")
 
 
-def resolved_config(args: argparse.Namespace) -> dict:
+def resolved_config(args: argparse.Namespace) -> TaskConfig:
     """The task config with --config, --set and the shorthand flags applied, in that order."""
     overrides = list(args.overrides)
     shorthands = {
@@ -47,8 +48,8 @@ def resolved_config(args: argparse.Namespace) -> dict:
     overrides += [f"{key}={value}" for key, value in shorthands.items() if value is not None]
     cfg = load_config(args.task, args.config, overrides)
     # GPU runs train in bfloat16 autocast unless the user says otherwise.
-    if cfg["scaling"]["gpus_per_worker"] and not _amp_explicit(overrides):
-        cfg["train"]["amp"] = True
+    if cfg.scaling.gpus_per_worker and not _amp_explicit(overrides):
+        cfg = cfg.with_values({"train.amp": True})
     return cfg
 
 
@@ -63,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolved_config(args)
     request = RunRequest(resolve_tracking_uri(args.tracking_uri), address=args.address, storage=args.storage,
                          resume=args.resume, epochs_given=args.epochs is not None, output_dir=OUTPUT_DIR)
-    return runner_for(cfg["task"]).train(cfg, request)
+    return runner_for(cfg.task).train(cfg, request)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -75,7 +76,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = resolved_config(args)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    runner_for(cfg["task"]).preflight(cfg, tracking_uri)  # a bad base config or dataset fails here, not per trial
+    runner_for(cfg.task).preflight(cfg, tracking_uri)  # a bad base config or dataset fails here, not per trial
     connect(args.address)
     outcome = run_sweep(cfg, tracking_uri, num_samples=args.num_samples, scheduler=args.scheduler,
                         max_concurrent=args.max_concurrent, resume=args.resume, storage=args.storage)
@@ -89,9 +90,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             print(f"  {trial_id}: {error}")
     print(f"\nbest {metric} = {outcome.best_metric:.4g} with {outcome.best_config} (run {outcome.best_run_id})")
     if outcome.registered_version:
-        print(f"registered as raycv-{cfg['task']} version {outcome.registered_version} (alias 'best')")
+        print(f"registered as raycv-{cfg.task} version {outcome.registered_version} (alias 'best')")
     elif outcome.best_run_id:
-        print(f"models:/raycv-{cfg['task']}@best unchanged: it scored at least as well as this sweep's best")
+        print(f"models:/raycv-{cfg.task}@best unchanged: it scored at least as well as this sweep's best")
     print(f"sweep parent run {outcome.parent_run_id}; resume an interrupted sweep: --resume {outcome.experiment_path}")
     print(f"MLflow UI: {ui_command(tracking_uri)}")
     return 0
@@ -109,7 +110,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     [task] = tasks_run_by("stylize")
     cfg = load_config(task, args.config, overrides)
     if args.content or args.style or args.demo:
-        cfg["style"]["pairs"] = cli_pairs(args.content, args.style, args.demo)
+        cfg = cfg.with_values({"style.pairs": cli_pairs(args.content, args.style, args.demo)})
     output_dir = args.output_dir or f"{OUTPUT_DIR}/{task}"
     return stylize(cfg, resolve_tracking_uri(args.tracking_uri), args.address, output_dir)
 

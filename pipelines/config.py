@@ -1,7 +1,8 @@
 """Task configs: ``configs/defaults.yaml`` under the task's YAML (``configs/<task>.yaml``), plus checked
-``key.path=value`` overrides.
+``key.path=value`` overrides, built into the task's typed config (:class:`cvtasks.settings.TaskConfig`).
 
-A config is a plain nested dict so that Ray can ship it to workers and Tune can substitute sampled values into it.
+The checks here work on the nested dict (``TaskConfig.raw``), which is also what Tune substitutes sampled values
+into and what MLflow records.
 Overrides may only name keys the defaults have (a typo fails with the closest valid keys), and a value must keep
 the default's type (an int may stand for a float).
 """
@@ -15,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from cvtasks.tasks import task_class, task_names
+from cvtasks.settings import SettingsError, TaskConfig
+from cvtasks.tasks import TASKS, task_class, task_names
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: Keys whose values are free-form (their defaults may be empty or of another type).
@@ -36,8 +38,9 @@ def task_config_file(task: str) -> Path:
     return task_class(task).config_file or CONFIG_DIR / f"{task}.yaml"
 
 
-def load_config(task: str, config_file: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """The resolved config of ``task``: defaults, then ``config_file`` (a partial YAML), then ``overrides``."""
+def load_config(task: str, config_file: str | Path | None = None, overrides: list[str] | None = None) -> TaskConfig:
+    """The resolved, typed config of ``task``: defaults, then ``config_file`` (a partial YAML), then ``overrides``,
+    each checked against the keys and types of the defaults, then built into the task's typed sections."""
     cfg = _deep_update(_read_yaml(DEFAULTS_FILE), _read_yaml(task_config_file(task)))
     if config_file is not None:
         merge(cfg, _read_yaml(Path(config_file)), source=str(config_file))
@@ -46,7 +49,15 @@ def load_config(task: str, config_file: str | Path | None = None, overrides: lis
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         set_path(cfg, key.strip(), yaml.safe_load(raw))
-    return cfg
+    return typed(task, cfg)
+
+
+def typed(task: str, raw: dict) -> TaskConfig:
+    """``raw`` (a checked config dict of registered task ``task``) as its typed config."""
+    try:
+        return TaskConfig(raw, TASKS[task]).validate()
+    except SettingsError as exc:
+        raise ConfigError(f"{task} config: {exc}") from exc
 
 
 def _deep_update(base: dict, update: dict) -> dict:
@@ -149,7 +160,7 @@ AT_LEAST = {
 ABOVE = {"scaling.cpus_per_worker": 0, "optim.lr": 0}
 
 
-def check_values(cfg: dict) -> None:
+def check_values(cfg: TaskConfig) -> None:
     """Refuse values no run can use (0 workers, 0 epochs, a negative learning rate), naming key and fix."""
     for path, low in AT_LEAST.items():
         value = _number_at(cfg, path)
@@ -161,9 +172,9 @@ def check_values(cfg: dict) -> None:
             raise ConfigError(f"{path} must be above {bound}, got {value!r} (--set {path}=...)")
 
 
-def _number_at(cfg: dict, path: str) -> float | None:
+def _number_at(cfg: TaskConfig, path: str) -> float | None:
     try:
-        value = get_path(cfg, path)
+        value = get_path(cfg.raw, path)
     except (KeyError, TypeError):
         return None
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None

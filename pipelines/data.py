@@ -1,6 +1,6 @@
 """Ray Data pipelines: dataset index -> parallel decode (cached when it fits) -> fresh augmentation every epoch.
 
-    task.index(root, split)               driver: one row per sample, nothing decoded
+    task.index(split, cfg)                driver: one row per sample, nothing decoded
     map_batches(task.decode)              decode in parallel Ray tasks, dropping rows the task marks ``keep=False``;
                                           materialised once in the object store when the decoded split fits
                                           comfortably ("decode once"), else re-decoded while streaming with bounded
@@ -166,13 +166,13 @@ def should_cache(mode: str, estimate: int, object_store_bytes: float) -> bool:
 
 def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     """The Ray Data pipeline of one split: decoded (cached or streaming), then augmented."""
-    index = task.index(cfg["data"]["root"], split, cfg)
+    index = task.index(split, cfg)
     if index.empty:
-        raise ValueError(f"{task.name}: split {split!r} under {cfg['data']['root']} has no samples")
+        raise ValueError(f"{task.name}: split {split!r} under {cfg.data.root} has no samples")
     digest = index_digest(index)
     if train:
         # Readers list samples in folder/class order: shuffle once here, and the block order every epoch below.
-        index = index.sample(frac=1.0, random_state=int(cfg["train"]["seed"])).reset_index(drop=True)
+        index = index.sample(frac=1.0, random_state=cfg.train.seed).reset_index(drop=True)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     blocks = max(1, min(len(index) // DECODE_BATCH, BLOCKS_PER_CPU * cpus))
     bounds = np.linspace(0, len(index), blocks + 1).astype(int)
@@ -187,7 +187,7 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
         _decode, fn_kwargs={"task": task_path(task), "cfg": cfg}, batch_format="numpy", batch_size=decode_rows
     )
     estimate = int(sizes.decoded * len(index))
-    cached = should_cache(cfg["data"]["cache"], estimate, store)
+    cached = should_cache(cfg.data.cache, estimate, store)
     log.info(
         "%s/%s: %d samples, ~%.1f MB decoded -> %s (blocks <= %.0f MB: %d rows per decode batch, %d per augment)",
         task.name, split, len(index), estimate / 1e6, "cached in object store" if cached else "streamed",
@@ -195,7 +195,7 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     )
     if cached:
         ds = ds.materialize()
-    skipped = count_skipped(ds, len(index), cached, bool(cfg["data"].get("skip_bad", False)))
+    skipped = count_skipped(ds, len(index), cached, cfg.data.skip_bad)
     if skipped:
         log.warning("%s/%s: skipped %d of %d samples (see the task's log for why)", task.name, split, skipped,
                     len(index))

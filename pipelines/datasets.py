@@ -18,6 +18,7 @@ import pandas as pd
 from cvtasks import storage
 from cvtasks.catalog import Dataset
 from cvtasks.errors import DataFormatError
+from cvtasks.settings import TaskConfig
 from cvtasks.tasks import all_datasets, get_task
 from pipelines import logs
 
@@ -166,7 +167,7 @@ def _log_progress(done: int, total: int | None) -> None:
         log.info("downloaded %.1f MB", done / 1e6)
 
 
-def find_bad_rows(task_name: str, cfg: dict, index: pd.DataFrame, batch_size: int = 64) -> list[str]:
+def find_bad_rows(task_name: str, cfg: TaskConfig, index: pd.DataFrame, batch_size: int = 64) -> list[str]:
     """Decode every row; return one message per bad sample (the error naming its file)."""
     task = get_task(task_name)
     problems = []
@@ -184,15 +185,15 @@ def find_bad_rows(task_name: str, cfg: dict, index: pd.DataFrame, batch_size: in
     return problems
 
 
-def check(cfg: dict) -> int:
+def check(cfg: TaskConfig) -> int:
     """Print samples per split (and per class where the index has a scalar ``label``) and every bad file."""
-    task = get_task(cfg["task"])
+    task = get_task(cfg.task)
     if not task.datasets:
-        raise ValueError(f"{cfg['task']} reads no dataset: nothing to check")
+        raise ValueError(f"{cfg.task} reads no dataset: nothing to check")
     bad_total = 0
     for split in ("train", "val"):
         try:
-            index = task.index(cfg["data"]["root"], split, cfg)
+            index = task.index(split, cfg)
         except DataFormatError as exc:
             print(f"{split}: ERROR {exc}")
             bad_total += 1
@@ -205,7 +206,7 @@ def check(cfg: dict) -> int:
         skipped = index.attrs.get("skipped")
         if skipped:
             print(f"  index skipped rows: {skipped}")
-        problems = find_bad_rows(cfg["task"], cfg, index)
+        problems = find_bad_rows(cfg.task, cfg, index)
         for problem in problems:
             print(f"  BAD {problem}")
         bad_total += len(problems)

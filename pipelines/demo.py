@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 
 from cvtasks.catalog import DemoStep
+from cvtasks.settings import TaskConfig
 from cvtasks.tasks import task_class, task_names
 from pipelines.config import load_config
 from pipelines.datasets import make_demo
@@ -40,7 +41,7 @@ def _resolve(overrides: Sequence[str], runs: dict[str, str], cpus: int) -> list[
     return resolved
 
 
-def _tune(step: DemoStep, cfg: dict, tracking_uri: str) -> DemoRow:
+def _tune(step: DemoStep, cfg: TaskConfig, tracking_uri: str) -> DemoRow:
     from mlflow.tracking import MlflowClient
 
     from pipelines.tune import run_sweep
@@ -51,7 +52,7 @@ def _tune(step: DemoStep, cfg: dict, tracking_uri: str) -> DemoRow:
                    f"best {outcome.metric}", outcome.best_metric, float("nan"), outcome.wall_seconds)
 
 
-def run_step(step: DemoStep, cfg: dict, tracking_uri: str) -> DemoRow:
+def run_step(step: DemoStep, cfg: TaskConfig, tracking_uri: str) -> DemoRow:
     """A "tune" step is a sweep; any other runs through the runner its task declares."""
     if step.kind == "tune":
         return _tune(step, cfg, tracking_uri)

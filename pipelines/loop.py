@@ -113,14 +113,14 @@ def start_worker(config: dict[str, Any]) -> WorkerRun:
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = config["cfg"]
     task = task_at(config["task"])  # by import path: the task may be registered only in the driver's process
-    torch.manual_seed(int(cfg["train"]["seed"]))
+    torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
-    threads = int(cfg["scaling"]["torch_threads"])
+    threads = cfg.scaling.torch_threads
     if threads:
         torch.set_num_threads(threads)
     log.debug("rank %d of %d on %s with %d torch threads", rank, world, device, torch.get_num_threads())
     raw_model = build_model(task, cfg, config.get("weights"))
-    optimizer = make_optimizer(task.param_groups(raw_model, cfg), cfg["optim"])
+    optimizer = make_optimizer(task.param_groups(raw_model, cfg), cfg.optim)
     logger = RunLogger(config["tracking_uri"], config["run_id"], active=rank == 0)
     start_epoch, history = 0, []
     tags = {"raycv.torch_threads": str(torch.get_num_threads()),  # examples/sec depend on it
@@ -144,8 +144,8 @@ def start_worker(config: dict[str, Any]) -> WorkerRun:
 def train_epoch(run: WorkerRun, epoch: int) -> PassSums:
     """This worker's training pass over its shard of the train split, with rank 0's progress bar; the first step
     of the attempt logs the augmented-inputs picture (and, on a fresh run, marks where start-up ended)."""
-    cfg, epochs = run.cfg, int(run.cfg["train"]["epochs"])
-    batch_size = int(cfg["data"]["batch_size"])
+    cfg, epochs = run.cfg, run.cfg.train.epochs
+    batch_size = cfg.data.batch_size
 
     def preview(batch: TensorBatch) -> None:
         if not run.resumed:
@@ -168,7 +168,7 @@ def train_epoch(run: WorkerRun, epoch: int) -> PassSums:
 def validate(run: WorkerRun, keep: list[TensorBatch] | None = None) -> PassSums:
     """This worker's evaluation pass over its shard of the val split; ``keep`` receives its first batch."""
     batches = ray.train.get_dataset_shard("val").iter_torch_batches(
-        batch_size=int(run.cfg["data"]["eval_batch_size"]), device=run.device)
+        batch_size=run.cfg.data.eval_batch_size, device=run.device)
     return evaluate(run.task, run.model, batches, run.cfg, run.device,
                     on_first_batch=keep.append if keep is not None else None)
 
@@ -187,13 +187,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     "tracking_uri": str, "run_id": str, "weights": the driver's :class:`pipelines.handoff.ResolvedWeights` or
     None, "train_rows": rows of the train split, "verbose": bool}."""
     run = start_worker(config)
-    cfg, epochs = run.cfg, int(run.cfg["train"]["epochs"])
-    fail_at = int(cfg["train"]["inject_failure_at_epoch"])
+    cfg, epochs = run.cfg, run.cfg.train.epochs
+    fail_at = cfg.train.inject_failure_at_epoch
     last_val_batch: list[TensorBatch] = []
     val_sums: dict[str, torch.Tensor] = {}
     with system_metrics(config["tracking_uri"], config["run_id"], run.rank, run.world, resumed=run.resumed):
         for epoch in range(run.start_epoch, epochs):
-            lr = float(cfg["optim"]["lr"]) * lr_factor(cfg["optim"]["schedule"], epoch, epochs)
+            lr = cfg.optim.lr * lr_factor(cfg.optim.schedule, epoch, epochs)
             set_learning_rate(run.optimizer, lr)
             train = train_epoch(run, epoch)
             val = validate(run, keep=last_val_batch if epoch == epochs - 1 else None)

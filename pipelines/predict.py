@@ -20,9 +20,11 @@ from torch import nn
 
 from cvtasks import storage
 from cvtasks.models.weights import SCRATCH
+from cvtasks.settings import TaskConfig
 from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Task
 from pipelines import tracking
+from pipelines.config import typed
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +37,18 @@ def training_config(client: MlflowClient, run_id: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def rebuild_config(cfg: dict, class_names: list[str] | None) -> dict:
-    """``cfg`` for rebuilding its trained model: no pretrained weights looked up (they are overwritten anyway) and the
-    logged class names instead of the training data's folders."""
-    cfg = copy.deepcopy(cfg)
-    if "weights" in cfg.get("model", {}):
-        cfg["model"]["weights"] = SCRATCH
+def rebuild_config(raw: dict, class_names: list[str] | None) -> TaskConfig:
+    """The logged config ``raw`` for rebuilding its trained model: no pretrained weights looked up (they are
+    overwritten anyway) and the logged class names instead of the training data's folders."""
+    raw = copy.deepcopy(raw)
+    if "weights" in raw.get("model", {}):
+        raw["model"]["weights"] = SCRATCH
     if class_names is not None:
-        cfg["data"]["class_names"] = class_names
-    return cfg
+        raw["data"]["class_names"] = class_names
+    return typed(raw["task"], raw)
 
 
-def load_logged_model(task_name: str, model_uri: str, tracking_uri: str) -> tuple[nn.Module, dict]:
+def load_logged_model(task_name: str, model_uri: str, tracking_uri: str) -> tuple[nn.Module, TaskConfig]:
     """(the model ``model_uri`` names in eval mode, the config to predict with) for task ``task_name``."""
     client = MlflowClient(tracking_uri)
     run_id = tracking.model_run_id(client, model_uri)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
+from cvtasks.settings import TaskConfig
 from cvtasks.tasks import get_task, task_class, task_names
 
 if TYPE_CHECKING:
@@ -52,16 +53,16 @@ class DemoRow:
 
 
 class Runner(Protocol):
-    def preflight(self, cfg: dict, tracking_uri: str) -> None:
+    def preflight(self, cfg: TaskConfig, tracking_uri: str) -> None:
         """Every check that needs no Ray, run before Ray starts: bad input fails in seconds, in one line."""
 
-    def train(self, cfg: dict, request: RunRequest) -> int:
+    def train(self, cfg: TaskConfig, request: RunRequest) -> int:
         """``raycv train``: run ``cfg`` and print what ran and where to see it; returns the exit status."""
 
-    def demo(self, step: str, cfg: dict, tracking_uri: str) -> DemoRow:
+    def demo(self, step: str, cfg: TaskConfig, tracking_uri: str) -> DemoRow:
         """One ``raycv demo`` step: run ``cfg`` tracked as the demo step ``step``."""
 
-    def sweep_plan(self, cfg: dict) -> SweepPlan:
+    def sweep_plan(self, cfg: TaskConfig) -> SweepPlan:
         """What each trial of ``raycv tune`` runs and how trials are ranked."""
 
 
@@ -82,12 +83,12 @@ def tasks_run_by(runner: str) -> list[str]:
 class TrainRunner:
     """Ray Train: ``run_training`` over the task's Ray Data pipelines, tracked in MLflow."""
 
-    def preflight(self, cfg: dict, tracking_uri: str) -> None:
+    def preflight(self, cfg: TaskConfig, tracking_uri: str) -> None:
         from pipelines.train import preflight
 
         preflight(cfg, tracking_uri)
 
-    def train(self, cfg: dict, request: RunRequest) -> int:
+    def train(self, cfg: TaskConfig, request: RunRequest) -> int:
         from mlflow.tracking import MlflowClient
 
         from pipelines.cluster import connect
@@ -95,7 +96,7 @@ class TrainRunner:
         from pipelines.tracking import LATEST_ALIAS, registered_name
         from pipelines.train import resume_run_id, run_training
 
-        task = cfg["task"]
+        task = cfg.task
         resume = resume_run_id(MlflowClient(request.tracking_uri), task, request.resume) if request.resume else None
         started = time.perf_counter()
         phases = {"start-up": time.time() - psutil.Process().create_time()}  # the interpreter and imports so far
@@ -112,17 +113,17 @@ class TrainRunner:
                   f"'{LATEST_ALIAS}'): raycv predict {task} IMAGE... uses it")
         return 0
 
-    def demo(self, step: str, cfg: dict, tracking_uri: str) -> DemoRow:
+    def demo(self, step: str, cfg: TaskConfig, tracking_uri: str) -> DemoRow:
         from pipelines.tracking import LATEST_ALIAS
         from pipelines.train import run_training
 
         outcome = run_training(cfg, tracking_uri, run_tags={"raycv.demo_step": step}, register_alias=LATEST_ALIAS,
                                run_name=f"demo-{step}")
-        metric = get_task(cfg["task"]).metric
+        metric = get_task(cfg.task).metric
         return DemoRow(step, outcome.run_id, outcome.experiment_id, metric, outcome.metrics.get(metric, 0.0),
                        outcome.metrics.get("examples_per_sec", 0.0), outcome.wall_seconds)
 
-    def sweep_plan(self, cfg: dict) -> SweepPlan:
+    def sweep_plan(self, cfg: TaskConfig) -> SweepPlan:
         from pipelines.tune import train_sweep_plan
 
         return train_sweep_plan(cfg)

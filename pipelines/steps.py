@@ -16,26 +16,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cvtasks.settings import OptimSection
 from cvtasks.tasks.base import Config, Task, TensorBatch
 
 BatchHook = Callable[[TensorBatch], None]
 StepHook = Callable[[int, torch.Tensor], None]
 
 
-def make_optimizer(groups: list[dict[str, Any]], optim: Config) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict[str, Any]], optim: OptimSection) -> torch.optim.Optimizer:
     """Adam or SGD over parameter groups whose ``lr_mult`` scales the base learning rate."""
-    lr = float(optim["lr"])
-    param_groups = [{"params": g["params"], "lr_mult": float(g.get("lr_mult", 1.0))} for g in groups]
-    name = optim["name"]
-    if name == "adam":
-        optimizer = torch.optim.Adam(param_groups, lr=lr, weight_decay=float(optim["weight_decay"]))
-    elif name == "sgd":
-        optimizer = torch.optim.SGD(
-            param_groups, lr=lr, momentum=float(optim["momentum"]), weight_decay=float(optim["weight_decay"])
-        )
+    param_groups = [{"params": g["params"], "lr_mult": g.get("lr_mult", 1.0)} for g in groups]
+    if optim.name == "adam":
+        optimizer = torch.optim.Adam(param_groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    elif optim.name == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=optim.lr, momentum=optim.momentum,
+                                    weight_decay=optim.weight_decay)
     else:
-        raise ValueError(f'Unknown optimizer "{name}": use adam or sgd')
-    set_learning_rate(optimizer, lr)
+        raise ValueError(f'Unknown optimizer "{optim.name}": use adam or sgd')
+    set_learning_rate(optimizer, optim.lr)
     return optimizer
 
 
@@ -128,7 +126,7 @@ def _one_pass(task: Task, model: nn.Module, batches: Iterable[TensorBatch], cfg:
     loss_acc: dict[str, torch.Tensor] = {}
     metric_acc: dict[str, torch.Tensor] = {}
     seen = 0
-    amp = bool(cfg["train"]["amp"])
+    amp = cfg.train.amp
     with torch.set_grad_enabled(train):
         for step, batch in enumerate(batches):
             if step == 0 and on_first_batch is not None:

@@ -16,7 +16,6 @@ console and in the run's description).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import tempfile
@@ -35,6 +34,7 @@ from PIL import Image
 from ray import tune
 
 from cvtasks.models.vgg import VGGFeatures
+from cvtasks.settings import TaskConfig
 from cvtasks.style import (
     DEMO_PREFIX,
     StepResult,
@@ -72,9 +72,9 @@ def absolute_spec(spec: str) -> str:
     return str(Path(spec).expanduser().resolve())
 
 
-def configured_pairs(cfg: dict) -> list[tuple[str, str]]:
+def configured_pairs(cfg: TaskConfig) -> list[tuple[str, str]]:
     """``style.pairs`` as (content, style) specs with absolute local paths."""
-    pairs = cfg["style"]["pairs"]
+    pairs = cfg.style.pairs
     if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
         raise ConfigError(f"style.pairs must be a non-empty list of [content, style] images, got {pairs!r}")
     return [(absolute_spec(str(content)), absolute_spec(str(style))) for content, style in pairs]
@@ -102,11 +102,11 @@ def pair_name(content: str, style: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------ one run
 
-def open_run(client: MlflowClient, cfg: dict, content: str, style: str, tags: dict[str, str] | None = None,
+def open_run(client: MlflowClient, cfg: TaskConfig, content: str, style: str, tags: dict[str, str] | None = None,
              parent_run_id: str | None = None) -> str:
     """A new MLflow run in ``raycv-style`` for one pair: config as params, the pair as tags."""
     all_tags = {"raycv.kind": "stylize", "raycv.content": content, "raycv.style": style, **(tags or {})}
-    return tracking.create_run(client, cfg["task"], cfg, run_name=pair_name(content, style), tags=all_tags,
+    return tracking.create_run(client, cfg.task, cfg, run_name=pair_name(content, style), tags=all_tags,
                                parent_run_id=parent_run_id)
 
 
@@ -126,13 +126,13 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> No
         client.log_batch(run_id, metrics=metrics[i : i + _MLFLOW_MAX_METRICS])
 
 
-def tracked_stylize(client: MlflowClient, run_id: str, cfg: dict, content_img: Image.Image, style_img: Image.Image,
-                    device: str | torch.device = "cpu", extractor: VGGFeatures | None = None,
+def tracked_stylize(client: MlflowClient, run_id: str, cfg: TaskConfig, content_img: Image.Image,
+                    style_img: Image.Image, device: str | torch.device = "cpu", extractor: VGGFeatures | None = None,
                     ) -> Iterator[tuple[dict[str, float], Image.Image]]:
     """Stylise and log into MLflow run ``run_id``; yields (metrics with ``step``, image) every ``style.log_every``
     steps and at the last, after they are logged (metrics of every step are logged in batches). ``extractor``
     defaults to the one ``style.weights`` names, built here."""
-    style_cfg = StyleConfig.from_dict(cfg)
+    style_cfg = StyleConfig.from_config(cfg)
     if extractor is None:
         extractor = seeded_extractor(style_cfg)
     weight_tags = {"raycv.weights": extractor.weights_description,
@@ -159,13 +159,13 @@ def tracked_stylize(client: MlflowClient, run_id: str, cfg: dict, content_img: I
         yield {**metrics, "step": float(result.step)}, result.image
 
 
-def _device(cfg: dict) -> str:
+def _device(cfg: TaskConfig) -> str:
     """The GPU Ray assigned when the config asks for one, else the CPU with as many threads as CPUs reserved."""
-    if float(cfg["scaling"]["gpus_per_worker"]) > 0:
+    if cfg.scaling.gpus_per_worker > 0:
         if not torch.cuda.is_available():
             raise RuntimeError("scaling.gpus_per_worker > 0 but this Ray worker sees no CUDA device")
         return "cuda"
-    torch.set_num_threads(max(1, int(float(cfg["scaling"]["cpus_per_worker"]))))
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     return "cpu"
 
 
@@ -193,7 +193,7 @@ class PairOutcome:
 
 
 @ray.remote
-def _stylize_task(cfg: dict, extractor: VGGFeatures, content_img: Image.Image, style_img: Image.Image,
+def _stylize_task(cfg: TaskConfig, extractor: VGGFeatures, content_img: Image.Image, style_img: Image.Image,
                   tracking_uri: str, run_id: str) -> tuple[dict[str, float], Image.Image]:
     """One pair in a Ray worker, with the extractor the driver built: (last metrics, final image)."""
     client = MlflowClient(tracking_uri)
@@ -204,30 +204,30 @@ def _stylize_task(cfg: dict, extractor: VGGFeatures, content_img: Image.Image, s
     return metrics, image
 
 
-def load_pairs(cfg: dict) -> list[InputPair]:
+def load_pairs(cfg: TaskConfig) -> list[InputPair]:
     """Check the config and open every pair's images on the driver, so that a missing or bad file fails before
     anything starts (a :class:`DataFormatError` naming it)."""
-    StyleConfig.from_dict(cfg)
+    StyleConfig.from_config(cfg)
     return [InputPair(content, style, open_image(content), open_image(style)) for content, style in
             configured_pairs(cfg)]
 
 
-def run_pairs(cfg: dict, inputs: Sequence[InputPair], tracking_uri: str, output_dir: str | Path) -> list[PairOutcome]:
+def run_pairs(cfg: TaskConfig, inputs: Sequence[InputPair], tracking_uri: str,
+              output_dir: str | Path) -> list[PairOutcome]:
     """Stylise each of ``inputs`` (from :func:`load_pairs`) as parallel Ray tasks; write the results to
     ``output_dir``. A pair that fails is marked FAILED in MLflow and reported in its outcome's ``error``; the other
     pairs go on.
 
     The VGG-19 extractor is built once here, on the driver, and shared through the object store: a ``style.weights``
     file is read (tensor-only) where the user named it, and a bad one fails before any run or task starts."""
-    extractor = ray.put(seeded_extractor(StyleConfig.from_dict(cfg)))
+    extractor = ray.put(seeded_extractor(StyleConfig.from_config(cfg)))
     client = MlflowClient(tracking_uri)
-    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg["task"]))
-    resources = {"num_cpus": float(cfg["scaling"]["cpus_per_worker"]),
-                 "num_gpus": float(cfg["scaling"]["gpus_per_worker"])}
+    experiment_id = tracking.ensure_experiment(client, tracking.experiment_name(cfg.task))
+    resources = {"num_cpus": cfg.scaling.cpus_per_worker,
+                 "num_gpus": cfg.scaling.gpus_per_worker}
     outcomes, pending = [], {}
     for content, style, content_img, style_img in inputs:
-        pair_cfg = copy.deepcopy(cfg)
-        pair_cfg["style"]["pairs"] = [[content, style]]  # the run's params show its own pair
+        pair_cfg = cfg.with_values({"style.pairs": [[content, style]]})  # the run's params show its own pair
         run_id = open_run(client, pair_cfg, content, style)
         log.info("%s: MLflow %s", pair_name(content, style), tracking.run_url(tracking_uri, experiment_id, run_id))
         outcomes.append(PairOutcome(content, style, run_id, experiment_id))
@@ -291,12 +291,12 @@ def style_trial(config: dict[str, Any]) -> None:
     context = tune.get_context()
     trial_id = context.get_trial_id()
     client = MlflowClient(config["tracking_uri"])
-    cfg = trial_config(config["base"], config["sampled"])
+    cfg = trial_config(config)
     content, style = configured_pairs(cfg)[0]
     _retire_earlier_attempt(client, config["parent_run_id"], trial_id)
     tags = {"raycv.kind": "trial", "raycv.trial_id": trial_id, "raycv.trial_name": context.get_trial_name()}
     run_id = open_run(client, cfg, content, style, tags, parent_run_id=config["parent_run_id"])
-    steps = int(cfg["style"]["steps"])
+    steps = cfg.style.steps
     progress = tracked_stylize(client, run_id, cfg, open_image(content), open_image(style), _device(cfg))
     for metrics, _ in progress:
         if metrics["step"] == steps:
@@ -332,16 +332,20 @@ def log_contact_sheet(client: MlflowClient, parent_run_id: str, trials: list[dic
         client.log_image(parent_run_id, contact_sheet(images, captions), artifact_file="contact_sheet.png")
 
 
-def sweep_plan(cfg: dict) -> SweepPlan:
+def with_absolute_pairs(cfg: TaskConfig) -> TaskConfig:
+    """``style.pairs`` with local paths made absolute, for trials that run in other folders and on other nodes."""
+    return cfg.with_values({"style.pairs": [list(pair) for pair in configured_pairs(cfg)]})
+
+
+def sweep_plan(cfg: TaskConfig) -> SweepPlan:
     """How pipelines/tune.py sweeps style transfer. Checks the config and opens the first pair here on the driver
-    (bad input fails before any trial starts); makes its local paths absolute in ``cfg`` for the workers."""
-    style_cfg = StyleConfig.from_dict(cfg)
-    cfg["style"]["pairs"] = [list(pair) for pair in configured_pairs(cfg)]
-    for spec in cfg["style"]["pairs"][0]:
+    (bad input fails before any trial starts); trials get the pairs with absolute local paths."""
+    style_cfg = StyleConfig.from_config(cfg)
+    for spec in configured_pairs(cfg)[0]:
         open_image(spec)
     reports = -(-style_cfg.steps // style_cfg.log_every)
-    resources = {"CPU": float(cfg["scaling"]["cpus_per_worker"])}
-    if float(cfg["scaling"]["gpus_per_worker"]):
-        resources["GPU"] = float(cfg["scaling"]["gpus_per_worker"])
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.gpus_per_worker:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
     return SweepPlan(trainable=style_trial, resources=resources, metric=METRIC, mode="min", max_t=reports,
-                     register_model=False, summarize=log_contact_sheet)
+                     register_model=False, summarize=log_contact_sheet, resolve=with_absolute_pairs)

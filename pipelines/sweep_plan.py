@@ -13,6 +13,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from cvtasks.settings import ScalingSection, TaskConfig
 from pipelines.config import set_path
 
 
@@ -30,16 +31,17 @@ class SweepPlan:
     #: extra artifacts on the parent run: (client, parent_run_id, trial rows, searched config paths)
     summarize: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
     #: the ``scaling`` config of the Train workers each trial starts outside ``resources`` (Tune does not see them)
-    train_scaling: dict[str, Any] | None = None
+    train_scaling: ScalingSection | None = None
     #: (config, tracking URI) -> keyword arguments resolved once on the driver for every trial (tune.with_parameters)
-    shared: Callable[[dict, str], dict[str, Any]] | None = None
+    shared: Callable[[TaskConfig, str], dict[str, Any]] | None = None
     #: the base config with what trials would read from the dataset resolved on the driver (trials run on any node)
-    resolve: Callable[[dict], dict] = lambda cfg: cfg
+    resolve: Callable[[TaskConfig], TaskConfig] = lambda cfg: cfg
 
 
-def trial_config(base: dict, sampled: dict[str, Any]) -> dict:
-    """``base`` with a trial's sampled values set at their dotted config paths."""
-    cfg = copy.deepcopy(base)
-    for path, value in sampled.items():
-        set_path(cfg, path, value)
-    return cfg
+def trial_config(config: dict[str, Any]) -> TaskConfig:
+    """A trial's typed config from its Tune config: the sweep's ``base`` with the trial's ``sampled`` values set at
+    their dotted paths (checked like overrides)."""
+    raw = copy.deepcopy(config["base"])
+    for path, value in config["sampled"].items():
+        set_path(raw, path, value)
+    return TaskConfig(raw, config["task_path"])

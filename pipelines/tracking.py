@@ -27,6 +27,7 @@ from PIL import Image
 
 from cvtasks.errors import DataFormatError
 from cvtasks.models.weights import load_state_dict_file
+from cvtasks.settings import TaskConfig
 from pipelines.config import flatten
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def log_params(client: MlflowClient, run_id: str, cfg: dict) -> None:
 def create_run(
     client: MlflowClient,
     task: str,
-    cfg: dict,
+    cfg: TaskConfig,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
@@ -115,8 +116,8 @@ def create_run(
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
-    log_params(client, run_id, {k: v for k, v in cfg.items() if k != "search"})
-    client.log_dict(run_id, cfg, "config.yaml")
+    log_params(client, run_id, {k: v for k, v in cfg.raw.items() if k != "search"})
+    client.log_dict(run_id, cfg.raw, "config.yaml")
     return run_id
 
 

@@ -31,6 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from cvtasks import storage as storage_paths
 from cvtasks.errors import DataFormatError
+from cvtasks.settings import TaskConfig
 from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Task
 from pipelines import failures, logs, tracking
@@ -65,9 +66,9 @@ def default_storage() -> str:
     return os.environ.get("RAYCV_STORAGE") or str(Path("ray_results").resolve())
 
 
-def with_absolute_data_root(cfg: dict) -> dict:
+def with_absolute_data_root(cfg: TaskConfig) -> TaskConfig:
     """``cfg`` with a local ``data.root`` made absolute: Ray workers and Tune trials run in other folders."""
-    return {**cfg, "data": {**cfg["data"], "root": storage_paths.absolute(str(cfg["data"]["root"]))}}
+    return cfg.with_values({"data.root": storage_paths.absolute(cfg.data.root)})
 
 
 def cpus_for_training(cluster_cpus: float, held_cpus: float = 0.0) -> float:
@@ -111,7 +112,7 @@ def _sigint_handler_restored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def check_config(cfg: dict) -> None:
+def check_config(cfg: TaskConfig) -> None:
     """Refuse, on the driver, config values a worker would fail on: numeric ranges, optimizer, schedule, cache.
 
     The names are checked by the functions the workers call with them, so the lists of valid names stay in one
@@ -119,66 +120,66 @@ def check_config(cfg: dict) -> None:
     """
     check_values(cfg)
     try:
-        lr_factor(cfg["optim"]["schedule"], 0, 1)
-        should_cache(cfg["data"]["cache"], 0, 0.0)
-        make_optimizer([{"params": [torch.zeros(1, requires_grad=True)]}], cfg["optim"])
+        lr_factor(cfg.optim.schedule, 0, 1)
+        should_cache(cfg.data.cache, 0, 0.0)
+        make_optimizer([{"params": [torch.zeros(1, requires_grad=True)]}], cfg.optim)
     except ValueError as exc:  # torch's own checks (e.g. "Invalid momentum value") raise ValueError too
         raise ConfigError(str(exc)) from None
 
 
-def check_data(task: Task, cfg: dict) -> None:
+def check_data(task: Task, cfg: TaskConfig) -> None:
     """Refuse, on the driver and without Ray, data a run cannot train on: a missing or unreadable root, an empty
     split, a split whose labels the model's classes do not cover (class lists that differ between splits)."""
-    root = str(cfg["data"]["root"])
+    root = cfg.data.root
     if not storage_paths.is_dir(root):
         raise DataFormatError(root, "data root not found (set --data-root; `raycv data make-demo` writes the demo "
                                     "datasets, `raycv data download NAME` the real ones)")
     for split in ("train", "val"):
-        index = task.index(root, split, cfg)
+        index = task.index(split, cfg)
         if index.empty:
             raise DataFormatError(root, f"split {split!r} of {task.name} has no samples")
         _check_labels(task, cfg, split, index)
 
 
-def _check_labels(task: Task, cfg: dict, split: str, index: pd.DataFrame) -> None:
+def _check_labels(task: Task, cfg: TaskConfig, split: str, index: pd.DataFrame) -> None:
     class_names = getattr(task, "class_names", None)
     if class_names is None or "label" not in index.columns or not pd.api.types.is_integer_dtype(index["label"]):
         return
     names = class_names(cfg)
     top = int(index["label"].max())
     if top >= len(names):
-        raise DataFormatError(cfg["data"]["root"], f"split {split!r} has {top + 1} classes but the model is built "
+        raise DataFormatError(cfg.data.root, f"split {split!r} has {top + 1} classes but the model is built "
                                                    f"for {len(names)} ({', '.join(map(str, names))}): the splits' "
                                                    "class lists differ")
 
 
-def preflight(cfg: dict, tracking_uri: str) -> None:
+def preflight(cfg: TaskConfig, tracking_uri: str) -> None:
     """Every check of a Ray Train run that needs no Ray: ``raycv train`` / ``tune`` run it before starting Ray."""
     check_config(cfg)
-    check_data(get_task(cfg["task"]), with_absolute_data_root(cfg))
+    check_data(get_task(cfg.task), with_absolute_data_root(cfg))
     check_weights(cfg, tracking_uri)
 
 
-def scaling_config(cfg: dict, held_cpus: float = 0.0) -> ScalingConfig:
-    scaling = cfg["scaling"]
-    gpus = float(scaling["gpus_per_worker"])
-    cpus = worker_cpus(float(scaling["cpus_per_worker"]), int(scaling["workers"]),
-                       float(ray.cluster_resources().get("CPU", 0.0)), held_cpus)
-    resources: dict[str, float] = {"CPU": cpus, **{k: float(v) for k, v in scaling["worker_resources"].items()}}
-    if gpus:
-        resources["GPU"] = gpus
-    return ScalingConfig(num_workers=int(scaling["workers"]), use_gpu=gpus > 0, resources_per_worker=resources)
+def scaling_config(cfg: TaskConfig, held_cpus: float = 0.0) -> ScalingConfig:
+    scaling = cfg.scaling
+    cpus = worker_cpus(scaling.cpus_per_worker, scaling.workers, float(ray.cluster_resources().get("CPU", 0.0)),
+                       held_cpus)
+    resources: dict[str, float] = {"CPU": cpus, **scaling.worker_resources}
+    if scaling.gpus_per_worker:
+        resources["GPU"] = scaling.gpus_per_worker
+    return ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0,
+                         resources_per_worker=resources)
 
 
 def _open_run(
-    client: MlflowClient, cfg: dict, resume: str | None, storage: str, parent_run_id: str | None,
+    client: MlflowClient, cfg: TaskConfig, resume: str | None, storage: str, parent_run_id: str | None,
     run_tags: dict[str, str] | None, run_name: str | None,
 ) -> tuple[str, str]:
     """(run_id, Ray Train run name): a new MLflow run, or the one being resumed."""
-    task = cfg["task"]
+    task = cfg.task
     if resume is None:
         tags = {"raycv.kind": "train", "raycv.metric": get_task(task).metric, **(run_tags or {})}
-        workers = cfg["scaling"]["workers"]
+        workers = cfg.scaling.workers
         run_id = tracking.create_run(client, task, cfg, run_name=run_name or tracking.run_name(task, f"{workers}w"),
                                      tags=tags, parent_run_id=parent_run_id)
         name = f"{task}-{run_id[:12]}"
@@ -193,18 +194,27 @@ def _open_run(
     return run_id, name
 
 
-def _describe_inputs(client: MlflowClient, run_id: str, task: Task, cfg: dict, splits: dict[str, Any]) -> None:
+def _describe_inputs(client: MlflowClient, run_id: str, task: Task, cfg: TaskConfig, splits: dict[str, Any]) -> None:
     """The run's dataset splits as MLflow inputs and a one-paragraph description of what the run does."""
-    name = str(cfg["data"].get("dataset") or task.name)
-    source = storage_paths.join(str(cfg["data"]["root"]), name)
+    name, folder = dataset_of(task, cfg)
+    source = storage_paths.join(cfg.data.root, folder)
     for split, data in splits.items():
         tracking.log_dataset(client, run_id, name, source, split, data.digest, data.rows, data.skipped)
-    scaling = cfg["scaling"]
     tracking.describe_run(client, run_id, (
-        f"raycv train {task.name}: {cfg['train']['epochs']} epochs on {name} ({splits['train'].rows} train / "
-        f"{splits['val'].rows} val samples from {source}), {scaling['workers']} Ray Train worker(s). Headline "
+        f"raycv train {task.name}: {cfg.train.epochs} epochs on {name} ({splits['train'].rows} train / "
+        f"{splits['val'].rows} val samples from {source}), {cfg.scaling.workers} Ray Train worker(s). Headline "
         f"metric: {task.metric} (per epoch; the runs table sorts by its latest value). Everything else: the params "
         f"(the whole config, also as config.yaml), plots/ and metrics/; the model is model/state_dict.pt."))
+
+
+def dataset_of(task: Task, cfg: TaskConfig) -> tuple[str, str]:
+    """(name, top folder under ``data.root``) of the dataset a run reads: the one the task declares, or the folder
+    ``data.dataset`` names where the task reads another dataset of its layout (hotdog-source)."""
+    folder = getattr(cfg.data, "dataset", None)
+    for dataset in task.datasets:
+        if folder in (None, dataset.folder):
+            return dataset.name, dataset.folder
+    return (folder, folder) if folder else (task.name, "")
 
 
 def resume_run_id(client: MlflowClient, task: str, resume: str) -> str:
@@ -247,12 +257,12 @@ def _record_failure(client: MlflowClient, run_id: str, error: BaseException) -> 
 
 
 def run_training(
-    cfg: dict, tracking_uri: str, resume: str | None = None, storage: str | None = None, *,
+    cfg: TaskConfig, tracking_uri: str, resume: str | None = None, storage: str | None = None, *,
     run_tags: dict[str, str] | None = None, parent_run_id: str | None = None, callbacks: list | None = None,
     held_cpus: float = 0.0, weights: ResolvedWeights | None = None, register_alias: str | None = None,
     run_name: str | None = None,
 ) -> TrainOutcome:
-    """Train ``cfg["task"]`` with Ray Train and track it in MLflow.
+    """Train ``cfg.task`` with Ray Train and track it in MLflow.
 
     ``resume``: a run id or "latest" to continue from its last checkpoint. ``parent_run_id`` nests the new run
     (sweeps); ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback`` inside a sweep trial);
@@ -262,7 +272,7 @@ def run_training(
     new run's name in MLflow (default: task, workers and the date).
     """
     started = time.perf_counter()
-    task = get_task(cfg["task"])
+    task = get_task(cfg.task)
     check_config(cfg)
     # Read and checked here, once: workers get it from the object store.
     weights = weights or put_weights(cfg, tracking_uri)
@@ -290,7 +300,7 @@ def run_training(
             run_config=RunConfig(
                 name=name,
                 storage_path=storage,
-                failure_config=FailureConfig(max_failures=int(cfg["train"]["max_failures"])),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                 callbacks=[*(callbacks or []), FailFastCallback()],
                 logging_config=LoggingConfig(log_level=logs.ray_log_level()),
@@ -309,7 +319,7 @@ def run_training(
         if cause is not None and cause is not error:
             raise failures.DeterministicError(failures.one_line(cause)) from error
         if isinstance(error, TrainingFailedError):
-            raise failures.RunError(f"training failed after train.max_failures={cfg['train']['max_failures']} "
+            raise failures.RunError(f"training failed after train.max_failures={cfg.train.max_failures} "
                                     f"retries: {failures.one_line(error)}") from error
         raise
     wall = time.perf_counter() - started
@@ -318,7 +328,7 @@ def run_training(
         tracking.Metric(f"seconds_{name.replace(' ', '_')}", value, now, 0) for name, value in phases.items()])
     client.set_terminated(run_id, status="FINISHED")
     registered = time.perf_counter()
-    version = _register(client, cfg["task"], run_id, register_alias)
+    version = _register(client, cfg.task, run_id, register_alias)
     if version:
         phases["model registry"] = time.perf_counter() - registered
     return TrainOutcome(run_id=run_id, experiment_id=experiment_id, metrics=dict(result.metrics or {}),

@@ -27,6 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
 
 from cvtasks import storage as storage_paths  # noqa: E402
+from cvtasks.settings import ScalingSection, TaskConfig  # noqa: E402
 from cvtasks.tasks import get_task  # noqa: E402
 from pipelines import failures, logs, plots, tracking  # noqa: E402
 from pipelines.config import ConfigError, get_path  # noqa: E402
@@ -58,20 +59,20 @@ FAILED_TRIALS_TAG = "raycv.failed_trials"
 TAG_MAX_CHARS = 8000  # MLflow's limit on a tag value
 
 
-def search_space(cfg: dict) -> dict[str, Any]:
+def search_space(cfg: TaskConfig) -> dict[str, Any]:
     """The task config's ``search:`` section as Tune distributions keyed by dotted config path."""
     space = {}
-    for path, spec in (cfg.get("search") or {}).items():
+    for path, spec in (cfg.raw.get("search") or {}).items():
         try:
-            get_path(cfg, path)
+            get_path(cfg.raw, path)
         except (KeyError, TypeError):
-            raise ConfigError(f"search: {path!r} is not a key of the {cfg['task']} config") from None
+            raise ConfigError(f"search: {path!r} is not a key of the {cfg.task} config") from None
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
             raise ConfigError(f"search.{path}: expected one of {sorted(DISTRIBUTIONS)} -> args, got {spec!r}")
         kind, args = next(iter(spec.items()))
         space[path] = DISTRIBUTIONS[kind](args) if kind in ("choice", "grid") else DISTRIBUTIONS[kind](*args)
     if not space:
-        raise ConfigError(f"the {cfg['task']} config has no search: section to sweep over")
+        raise ConfigError(f"the {cfg.task} config has no search: section to sweep over")
     return space
 
 
@@ -93,34 +94,34 @@ def sweep_trial(config: dict[str, Any], weights: ResolvedWeights | None = None) 
     context = tune.get_context()
     trial_id = context.get_trial_id()
     client = MlflowClient(config["tracking_uri"])
-    cfg = trial_config(config["base"], config["sampled"])
+    cfg = trial_config(config)
     existing = tracking.find_child_run(client, config["parent_run_id"], trial_id)
     tags = {"raycv.kind": "trial", "raycv.trial_id": trial_id, "raycv.trial_name": context.get_trial_name()}
     run_training(
         cfg, config["tracking_uri"], resume=existing, storage=config["storage"],
         run_tags=tags, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()],
-        held_cpus=config["held_cpus"], weights=weights, run_name=f"{cfg['task']}-{context.get_trial_name()}",
+        held_cpus=config["held_cpus"], weights=weights, run_name=f"{cfg.task}-{context.get_trial_name()}",
     )
 
 
-def shared_weights(cfg: dict, tracking_uri: str) -> dict[str, Any]:
+def shared_weights(cfg: TaskConfig, tracking_uri: str) -> dict[str, Any]:
     """``model.weights`` read once on the sweep's driver for every trial: a trial may run on a node without the
     weights file or torch hub cache (unless the search space varies the weights, then each trial reads its own)."""
-    if "model.weights" in (cfg.get("search") or {}):
+    if "model.weights" in (cfg.raw.get("search") or {}):
         return {}
     return {"weights": put_weights(cfg, tracking_uri)}
 
 
-def train_sweep_plan(cfg: dict) -> SweepPlan:
+def train_sweep_plan(cfg: TaskConfig) -> SweepPlan:
     """The plan of a Ray Train task. Trials get ASHA budget ``epochs + 1``: a trial reaching ASHA's ``max_t`` is
     stopped at once, which would cut off its last epoch's model logging; the rungs stay the same."""
-    task = get_task(cfg["task"])
+    task = get_task(cfg.task)
     return SweepPlan(trainable=sweep_trial, resources={"CPU": TRIAL_DRIVER_CPUS}, metric=task.metric,
-                     mode=task.metric_mode, max_t=int(cfg["train"]["epochs"]) + 1, register_model=True,
-                     train_scaling=cfg["scaling"], shared=shared_weights, resolve=task.resolve_for_workers)
+                     mode=task.metric_mode, max_t=cfg.train.epochs + 1, register_model=True,
+                     train_scaling=cfg.scaling, shared=shared_weights, resolve=task.resolve_for_workers)
 
 
-def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cluster_cpus: float,
+def fitting_concurrency(requested: int, train_scaling: ScalingSection | None, cluster_cpus: float,
                         driver_cpus: float = TRIAL_DRIVER_CPUS) -> int:
     """``requested`` concurrent trials, lowered to what the cluster fits with one CPU left for Ray Data.
 
@@ -131,8 +132,8 @@ def fitting_concurrency(requested: int, train_scaling: dict[str, Any] | None, cl
     if not train_scaling:
         return requested
     held = requested * driver_cpus
-    workers = int(train_scaling["workers"])
-    trial_worker_cpus = workers * worker_cpus(float(train_scaling["cpus_per_worker"]), workers, cluster_cpus, held)
+    workers = train_scaling.workers
+    trial_worker_cpus = workers * worker_cpus(train_scaling.cpus_per_worker, workers, cluster_cpus, held)
     fits = max(1, math.floor(cpus_for_training(cluster_cpus, held) / trial_worker_cpus + 1e-9))
     if requested > fits:
         log.warning("--max-concurrent %d: each trial's workers hold %g CPU on this %g-CPU cluster; running %d at a "
@@ -156,31 +157,31 @@ class SweepOutcome:
 
 
 def run_sweep(
-    cfg: dict, tracking_uri: str, num_samples: int, scheduler: str = "asha", max_concurrent: int = 1,
+    cfg: TaskConfig, tracking_uri: str, num_samples: int, scheduler: str = "asha", max_concurrent: int = 1,
     resume: str | None = None, storage: str | None = None,
 ) -> SweepOutcome:
     """Run (or with ``resume``, a path printed by an earlier sweep, continue) a sweep over ``cfg["search"]``."""
     started = time.perf_counter()
-    plan = runner_for(cfg["task"]).sweep_plan(cfg)
+    plan = runner_for(cfg.task).sweep_plan(cfg)
     client = MlflowClient(tracking_uri)
     storage = storage or default_storage()
     space = search_space(cfg)
     if resume:
         experiment_path = storage_paths.absolute(resume).rstrip("/")
-        parent_run_id = tracking.find_sweep_run(client, cfg["task"], experiment_path)
+        parent_run_id = tracking.find_sweep_run(client, cfg.task, experiment_path)
         if parent_run_id is None:
             raise ValueError(f"--resume: no MLflow sweep run records the Tune experiment {experiment_path}")
         client.update_run(parent_run_id, status="RUNNING")
     else:
-        parent_run_id = tracking.create_run(client, cfg["task"], cfg, run_name=tracking.run_name(cfg["task"], "sweep"),
+        parent_run_id = tracking.create_run(client, cfg.task, cfg, run_name=tracking.run_name(cfg.task, "sweep"),
                                             tags={"raycv.kind": "sweep", "raycv.metric": plan.metric})
-        experiment_path = f"{storage}/sweep-{cfg['task']}-{parent_run_id[:12]}"
+        experiment_path = f"{storage}/sweep-{cfg.task}-{parent_run_id[:12]}"
         tracking.set_tags(client, parent_run_id, {
             "raycv.sweep_path": experiment_path, "raycv.scheduler": scheduler,
             "raycv.num_samples": str(num_samples),
         })
-        client.log_dict(parent_run_id, cfg["search"], "search_space.yaml")
-    log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg["task"], parent_run_id, experiment_path)
+        client.log_dict(parent_run_id, cfg.raw["search"], "search_space.yaml")
+    log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg.task, parent_run_id, experiment_path)
 
     trainable = plan.trainable
     if plan.shared is not None:
@@ -189,9 +190,9 @@ def run_sweep(
     driver_cpus = plan.resources.get("CPU", 0.0)
     max_concurrent = fitting_concurrency(max_concurrent, plan.train_scaling,
                                          float(ray.cluster_resources().get("CPU", 0.0)), driver_cpus)
-    base = {k: v for k, v in plan.resolve(with_absolute_data_root(cfg)).items() if k != "search"}
+    base = {k: v for k, v in plan.resolve(with_absolute_data_root(cfg)).raw.items() if k != "search"}
     param_space = {
-        "base": base, "sampled": space, "tracking_uri": tracking_uri,
+        "base": base, "task_path": cfg.task_path, "sampled": space, "tracking_uri": tracking_uri,
         "parent_run_id": parent_run_id, "storage": storage,
         # what the concurrent trial functions hold: each trial's workers leave Ray Data a whole CPU beside them
         "held_cpus": max_concurrent * driver_cpus,

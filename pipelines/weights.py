@@ -83,9 +83,14 @@ def resolve_state_dict(spec: str, tracking_uri: str) -> tuple[weights.StateDict 
     return tracking.load_model_state(client, run_id), spec if spec.startswith("runs:/") else f"{spec} (run {run_id})"
 
 
+def weights_spec(cfg: Config) -> str | None:
+    """``model.weights`` where the task's config has it."""
+    return getattr(getattr(cfg, "model", None), "weights", None)
+
+
 def check_weights(cfg: Config, tracking_uri: str) -> None:
     """Driver side, before Ray starts: ``model.weights`` names something that exists (nothing is loaded yet)."""
-    spec = cfg.get("model", {}).get("weights")
+    spec = weights_spec(cfg)
     if not isinstance(spec, str):
         return
     if spec.startswith(MLFLOW_SCHEMES):
@@ -104,7 +109,7 @@ def check_weights(cfg: Config, tracking_uri: str) -> None:
 def put_weights(cfg: Config, tracking_uri: str) -> ResolvedWeights | None:
     """Driver side: ``model.weights`` read and checked once, put in the object store; None when the task has no
     such key or trains from scratch."""
-    spec = cfg.get("model", {}).get("weights")
+    spec = weights_spec(cfg)
     if not isinstance(spec, str):
         return None
     state_dict, description = resolve_state_dict(spec, tracking_uri)
@@ -119,7 +124,7 @@ def build_model(task: Task, cfg: Config, resolved: ResolvedWeights | None) -> nn
     with tempfile.TemporaryDirectory(prefix="raycv-weights-") as directory:
         path = Path(directory) / "state_dict.pt"
         torch.save(ray.get(resolved.ref), path)
-        model = task.build_model({**cfg, "model": {**cfg["model"], "weights": str(path)}})
+        model = task.build_model(cfg.with_values({"model.weights": str(path)}))
     # Name the weights' origin, not the temporary file (keeping what the model adds, e.g. FCN's "(backbone)").
     built = getattr(model, "weights_description", f"file: {path}")
     model.weights_description = built.replace(f"file: {path}", resolved.description)

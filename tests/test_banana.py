@@ -18,7 +18,9 @@ from cvtasks.errors import DataFormatError
 from cvtasks.formats import banana as fmt
 from cvtasks.images import encode_png
 from cvtasks.models.ssd import TinySSD
+from cvtasks.settings import TaskConfig
 from cvtasks.tasks.banana import BananaTask
+from tests.configs import at_root, typed_config
 
 HEADER = "img_name,label,xmin,ymin,xmax,ymax"
 CFG = {
@@ -32,12 +34,8 @@ CFG = {
 }
 
 
-def cfg_with(root=None, **data) -> dict:
-    cfg = json.loads(json.dumps(CFG))
-    cfg["data"].update(data)
-    if root is not None:
-        cfg["data"]["root"] = str(root)
-    return cfg
+def cfg_with(root=None, **data) -> TaskConfig:
+    return typed_config("banana", {**CFG, "data": {**CFG["data"], **data}}, root)
 
 
 def write_split(root, rows: list[str], sizes: dict[str, tuple[int, int]], split: str = "train"):
@@ -108,7 +106,7 @@ def test_box_outside_the_decoded_image_names_file_and_row(tmp_path):
                          {"a.png": (16, 16), "b.png": (4, 4)})
     cfg = cfg_with(tmp_path)
     task = BananaTask()
-    batch = batch_of(task.index(str(tmp_path), "train", cfg))
+    batch = batch_of(task.index("train", at_root(cfg, str(tmp_path))))
     with pytest.raises(DataFormatError,
                        match=rf"{re.escape(str(labels))}, row 4: box .* reaches outside image .*a\.png \(16x16"):
         task.decode(batch, cfg)
@@ -119,7 +117,7 @@ def test_skip_bad_turns_every_error_into_a_counted_skip(tmp_path):
                            "d.png,1,0,0,16,16"], {n: (16, 16) for n in ("a.png", "b.png", "c.png", "d.png")})
     cfg = cfg_with(tmp_path, skip_bad=True)
     task = BananaTask()
-    index = task.index(str(tmp_path), "train", cfg)
+    index = task.index("train", at_root(cfg, str(tmp_path)))
     assert [bool(p) for p in index["problem"]] == [False, True, False, True, False]
     assert "row 3: unknown class id '7'" in index["problem"][1]
     decoded = task.decode(batch_of(index), cfg)
@@ -132,7 +130,7 @@ def test_skip_bad_turns_every_error_into_a_counted_skip(tmp_path):
 def test_more_objects_than_max_objects_is_a_clear_error(tmp_path):
     write_split(tmp_path, ["a.png,0,1,1,5,5"] * 3, {"a.png": (16, 16)})
     with pytest.raises(ValueError, match=r"has 3 boxes but data.max_objects is 2"):
-        BananaTask().index(str(tmp_path), "train", cfg_with(tmp_path, max_objects=2))
+        BananaTask().index("train", at_root(cfg_with(tmp_path, max_objects=2), str(tmp_path)))
 
 
 # --- demo writer ---------------------------------------------------------------------------------------------------
@@ -141,7 +139,7 @@ def test_demo_is_read_back_with_boxes_on_the_fruits(demo_root):
     cfg = cfg_with(demo_root)
     task = BananaTask()
     for split, count in (("train", 8), ("val", 4)):
-        index = task.index(str(demo_root), split, cfg)
+        index = task.index(split, at_root(cfg, str(demo_root)))
         assert len(index) == count
         decoded = task.decode(batch_of(index), cfg)
         assert decoded["keep"].all()
@@ -152,7 +150,7 @@ def test_demo_is_read_back_with_boxes_on_the_fruits(demo_root):
             for _, x1, y1, x2, y2 in (boxes * [1, 256, 256, 256, 256]).astype(int):
                 patch = image[y1:y2, x1:x2].astype(int)
                 assert (patch[..., 0] - patch[..., 2]).max() > 100  # yellow / red fruit pixels inside its box
-    all_boxes = np.concatenate(list(task.index(str(demo_root), "train", cfg)["boxes"]))
+    all_boxes = np.concatenate(list(task.index("train", at_root(cfg, str(demo_root)))["boxes"]))
     assert {0.0, 1.0} == set(all_boxes[:, 0].tolist())
 
 
@@ -258,8 +256,7 @@ def test_loss_parts_by_hand_and_weights():
     torch.testing.assert_close(bbox, torch.tensor(0.0), atol=1e-4, rtol=0)  # offsets of a perfect match ~ 0
     task = BananaTask()
     out = det.SSDOutput(anchors, cls_preds, bbox_preds + torch.tensor([[0.8] + [0.0] * 7]), target)
-    cfg = cfg_with()
-    cfg["loss"] = {"cls_weight": 2.0, "bbox_weight": 0.5}
+    cfg = cfg_with().with_values({"loss.cls_weight": 2.0, "loss.bbox_weight": 0.5})
     total, parts = task.loss(out, {"boxes": labels}, cfg)
     torch.testing.assert_close(parts["bbox"], torch.tensor(0.1), atol=1e-4, rtol=0)  # |0.8| over 8 offsets
     torch.testing.assert_close(total, 2.0 * parts["cls"] + 0.5 * parts["bbox"])
@@ -388,7 +385,7 @@ def test_task_trains_evaluates_renders_and_predicts(demo_root, tmp_path):
     cfg = cfg_with(demo_root)
     task = BananaTask()
     assert task.metric == "val_map50" and task.tensor_keys == ("image", "boxes") and not task.train_metrics
-    decoded = task.decode(batch_of(task.index(str(demo_root), "train", cfg)), cfg)
+    decoded = task.decode(batch_of(task.index("train", at_root(cfg, str(demo_root)))), cfg)
     batch = task.augment(decoded, True, cfg, np.random.default_rng(0))
     assert batch["image"].shape == (8, 3, 64, 64) and batch["image"].dtype == np.float32
     assert batch["boxes"].shape == (8, 4, 5) and batch["boxes"].dtype == np.float32

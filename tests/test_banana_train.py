@@ -24,11 +24,11 @@ MARGIN = 0.2
 def untrained_val_map50(cfg: dict) -> float:
     """mAP@0.5 on the validation split of the model a run starts from (same seed), without Ray."""
     task = get_task("banana")
-    torch.manual_seed(int(cfg["train"]["seed"]))
+    torch.manual_seed(int(cfg.train.seed))
     model = task.build_model(cfg).eval()
-    index = task.index(cfg["data"]["root"], "val", cfg)
+    index = task.index("val", cfg)
     sums: dict[str, torch.Tensor] = {}
-    batch_size = int(cfg["data"]["eval_batch_size"])
+    batch_size = int(cfg.data.eval_batch_size)
     for start in range(0, len(index), batch_size):
         chunk = index.iloc[start : start + batch_size]
         decoded = task.decode({c: chunk[c].to_numpy() for c in chunk.columns}, cfg)

@@ -16,6 +16,7 @@ from cvtasks.models import weights
 from cvtasks.models.resnet import cifar_resnet18, finetune_resnet18, head_param_groups
 from cvtasks.tasks import get_task
 from pipelines.config import load_config
+from tests.configs import at_root
 
 LEARN_STEPS = 300
 LEARN_BATCH = 32
@@ -37,13 +38,13 @@ def demo_root(tmp_path_factory):
 
 def task_and_cfg(name, root, **augment):
     cfg = load_config(name)
-    cfg["data"]["root"] = str(root)
-    cfg["augment"].update(augment)
+    cfg = cfg.with_values({"data.root": str(root)})
+    cfg = cfg.with_values({f"augment.{key}": value for key, value in augment.items()})
     return get_task(name), cfg
 
 
 def whole_split(task, cfg, split):
-    index = task.index(cfg["data"]["root"], split, cfg)
+    index = task.index(split, cfg)
     return task.decode({c: index[c].to_numpy() for c in index.columns}, cfg)
 
 
@@ -131,7 +132,7 @@ def test_cifar_task_pipeline_shapes(demo_root):
     val = task.augment({k: v[:8] for k, v in decoded.items()}, False, cfg, rng)
     assert np.array_equal(val["image"], decoded["image"][:8].transpose(0, 3, 1, 2) / np.float32(255))
     assert task.class_names(cfg) == list(cifar_demo.CLASS_NAMES)
-    cfg["augment"]["policy"] = "mixup"
+    cfg = cfg.with_values({"augment.policy": "mixup"})
     with pytest.raises(ValueError, match="Unknown data augmentation policy"):
         task.augment({k: v[:2] for k, v in decoded.items()}, True, cfg, rng)
 
@@ -169,7 +170,7 @@ def test_renders_are_captioned_grids(demo_root):
 
 def test_hotdog_task_pipeline_model_and_groups(demo_root):
     task, cfg = task_and_cfg("hotdog", demo_root, size=64, resize_size=72)
-    cfg["model"]["weights"] = "scratch"
+    cfg = cfg.with_values({"model.weights": "scratch"})
     assert task.class_names(cfg) == ["hotdog", "not-hotdog"]
     decoded = whole_split(task, cfg, "train")
     assert decoded["keep"].all() and decoded["image"].dtype == object and len(decoded["label"]) == 8
@@ -181,29 +182,29 @@ def test_hotdog_task_pipeline_model_and_groups(demo_root):
     model = task.build_model(cfg)
     assert model.fc.out_features == 2
     groups = task.param_groups(model, cfg)
-    assert [g["lr_mult"] for g in groups] == [1.0, cfg["optim"]["head_lr_mult"]] == [1.0, 10.0]
+    assert [g["lr_mult"] for g in groups] == [1.0, cfg.optim.head_lr_mult] == [1.0, 10.0]
     rendered = task.render_predictions(model.eval(), as_tensors(batch), cfg)
     assert isinstance(rendered, Image.Image)
 
 
 def test_hotdog_skip_bad_marks_rows_instead_of_failing(demo_root, tmp_path):
     task, cfg = task_and_cfg("hotdog", demo_root)
-    index = task.index(str(demo_root), "val", cfg)
+    index = task.index("val", at_root(cfg, str(demo_root)))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     paths = np.array([index["path"][0], str(bad)], dtype=object)
     batch = {"path": paths, "label": np.array([0, 1])}
     with pytest.raises(Exception, match="bad.png"):
         task.decode(batch, cfg)
-    cfg["data"]["skip_bad"] = True
+    cfg = cfg.with_values({"data.skip_bad": True})
     assert task.decode(batch, cfg)["keep"].tolist() == [True, False]
 
 
 def test_hotdog_dataset_folder_is_config(demo_root):
     hotdog_demo.write_source(demo_root, n_train_per_class=1, n_test_per_class=1)
     task, cfg = task_and_cfg("hotdog", demo_root)
-    cfg["data"]["dataset"] = "hotdog-source"
-    cfg["model"]["weights"] = "scratch"
+    cfg = cfg.with_values({"data.dataset": "hotdog-source"})
+    cfg = cfg.with_values({"model.weights": "scratch"})
     assert len(task.class_names(cfg)) == 10 and task.build_model(cfg).fc.out_features == 10
 
 
@@ -211,7 +212,7 @@ def test_cifar_task_learns_demo_data(demo_root):
     """A plain torch loop over the task's own decode/augment/loss: well above chance (10 %) in a few hundred steps."""
     torch.manual_seed(0)
     task, cfg = task_and_cfg("cifar10", demo_root)
-    cfg["model"]["width"] = LEARN_WIDTH
+    cfg = cfg.with_values({"model.width": LEARN_WIDTH})
     train, val = whole_split(task, cfg, "train"), whole_split(task, cfg, "val")
     model = task.build_model(cfg)
     optimizer = torch.optim.Adam(task.param_groups(model, cfg)[0]["params"], lr=3e-3)

@@ -7,6 +7,7 @@ import ray.data
 from cvtasks.demo import voc as voc_demo
 from cvtasks.tasks.voc import VocTask
 from pipelines.data import BLOCKS_PER_STORE, batch_rows, block_bytes, row_bytes
+from tests.configs import at_root, typed_config
 
 MB = 1 << 20
 DEFAULT_BLOCK = ray.data.context.DEFAULT_TARGET_MAX_BLOCK_SIZE
@@ -27,9 +28,9 @@ def test_batches_fit_a_block_and_keep_their_row_caps():
 
 def test_row_bytes_measures_decoded_and_augmented_rows(tmp_path):
     voc_demo.write(tmp_path, seed=0, n_train=4, n_val=1, min_side=40, max_side=60)
-    cfg = {"data": {"skip_bad": False}, "augment": {"crop_size": [32, 48], "small": "pad", "hflip": 0.5}}
+    cfg = typed_config("voc", {"augment": {"crop_size": [32, 48], "small": "pad", "hflip": 0.5}})
     task = VocTask()
-    index = task.index(str(tmp_path), "train", cfg)
+    index = task.index("train", at_root(cfg, str(tmp_path)))
     sizes = row_bytes(task, cfg, index)
     decoded = task.decode({c: index[c].to_numpy() for c in index.columns}, cfg)
     pixels = sum(image.shape[0] * image.shape[1] for image in decoded["image"]) / len(index)

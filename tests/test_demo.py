@@ -16,7 +16,7 @@ def test_every_demo_step_is_a_valid_config_that_names_only_earlier_runs():
         overrides = _resolve(step.overrides, runs, cpus=2)
         assert not any("{" in item for item in overrides), f"{step.name} names a later or unknown step"
         cfg = load_config(step.task, overrides=["data.root=/data", *overrides])
-        assert cfg["task"] == step.task
+        assert cfg.task == step.task
         runs[step.name] = f"run-of-{step.name}"
     assert runs.keys() >= {"cifar10", "hotdog-finetuned", "hotdog-scratch", "banana", "voc", "style", "sweep-hotdog"}
 

@@ -163,9 +163,9 @@ def test_resume_latest_picks_unfinished_runs_only(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(ConfigError, match="no earlier cifar10 training run"):
         resume_run_id(client, "cifar10", "latest")
-    failed = tracking.create_run(client, "cifar10", {"task": "cifar10"}, tags={"raycv.kind": "train"})
+    failed = tracking.create_run(client, "cifar10", load_config("cifar10"), tags={"raycv.kind": "train"})
     client.set_terminated(failed, status="FAILED")
-    finished = tracking.create_run(client, "cifar10", {"task": "cifar10"}, tags={"raycv.kind": "train"})
+    finished = tracking.create_run(client, "cifar10", load_config("cifar10"), tags={"raycv.kind": "train"})
     client.set_terminated(finished, status="FINISHED")
     assert resume_run_id(client, "cifar10", "latest") == failed
     client.update_run(failed, status="FINISHED")
@@ -177,7 +177,7 @@ def test_resume_latest_picks_unfinished_runs_only(tmp_path):
 def test_cli_resume_with_nothing_to_resume_is_one_line(tmp_path, capsys, ray_connects):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run = tracking.create_run(client, "hotdog", {"task": "hotdog"}, tags={"raycv.kind": "train"})
+    run = tracking.create_run(client, "hotdog", load_config("hotdog"), tags={"raycv.kind": "train"})
     client.set_terminated(run, status="FINISHED")
     root = _hotdog_root(tmp_path)
     code, lines, _ = _cli(["train", "hotdog", "--resume", "--data-root", str(root), "--tracking-uri", uri], capsys)
@@ -201,7 +201,7 @@ class _Result:
 
 def _summarize(tmp_path, results):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = tracking.create_run(client, "hotdog", {"task": "hotdog"}, tags={"raycv.kind": "sweep"})
+    parent = tracking.create_run(client, "hotdog", load_config("hotdog"), tags={"raycv.kind": "sweep"})
     plan = tune.SweepPlan(trainable=lambda c: None, resources={}, metric="val_acc", mode="max", max_t=2,
                           register_model=False)
     outcome = tune._summarize_sweep(client, plan, parent, "/x", results, {"optim.lr": None})

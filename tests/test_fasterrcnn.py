@@ -15,8 +15,9 @@ from PIL import Image
 from cvtasks import two_stage
 from cvtasks.demo import banana as demo
 from cvtasks.models.fasterrcnn import build_fasterrcnn
-from cvtasks.tasks.banana import BananaTask
+from cvtasks.tasks.banana import BananaLoss, BananaTask
 from pipelines.config import CONFIG_DIR, load_config
+from tests.configs import at_root
 from tests.test_banana import batch_of
 
 SIZE = 64
@@ -66,12 +67,13 @@ def test_detections_become_rows_as_fractions_with_class_from_zero_and_padding():
 def test_total_is_the_weighted_sum_and_parts_stay_unweighted():
     losses = {"rpn_objectness": torch.tensor(1.0), "rpn_box": torch.tensor(2.0), "roi_class": torch.tensor(3.0),
               "roi_box": torch.tensor(4.0)}
-    weights = {"rpn_objectness_weight": 0.5, "rpn_box_weight": 2.0, "roi_class_weight": 0.0, "roi_box_weight": 1.0}
+    weights = BananaLoss(cls_weight=1.0, bbox_weight=1.0, rpn_objectness_weight=0.5, rpn_box_weight=2.0,
+                         roi_class_weight=0.0, roi_box_weight=1.0)
     total, parts = two_stage.weighted_loss(two_stage.TwoStageOutput(losses, None), weights)
     assert float(total) == pytest.approx(0.5 * 1 + 2 * 2 + 0 * 3 + 1 * 4)
     assert {k: float(v) for k, v in parts.items()} == {k: float(v) for k, v in losses.items()}
     cfg = small_cfg()
-    assert set(two_stage.LOSS_NAMES.values()) == {k[: -len("_weight")] for k in cfg["loss"]
+    assert set(two_stage.LOSS_NAMES.values()) == {k[: -len("_weight")] for k in cfg.raw["loss"]
                                                   if k.startswith(("rpn_", "roi_"))}
 
 
@@ -113,7 +115,7 @@ def demo_root(tmp_path_factory):
 def test_task_evaluates_renders_and_predicts_with_faster_rcnn(demo_root, tmp_path):
     cfg = small_cfg(f"data.root={demo_root}")
     task = BananaTask()
-    decoded = task.decode(batch_of(task.index(str(demo_root), "val", cfg)), cfg)
+    decoded = task.decode(batch_of(task.index("val", at_root(cfg, str(demo_root)))), cfg)
     batch = {k: torch.from_numpy(v) for k, v in task.augment(decoded, False, cfg, np.random.default_rng(0)).items()}
     torch.manual_seed(0)
     model = task.build_model(cfg).eval()
@@ -122,7 +124,7 @@ def test_task_evaluates_renders_and_predicts_with_faster_rcnn(demo_root, tmp_pat
         loss, parts = task.loss(out, batch, cfg)
         sums = task.metric_sums(out, batch, cfg)
     assert isinstance(out, two_stage.TwoStageOutput) and torch.isfinite(loss) and len(parts) == 4
-    assert out.detections.shape == (4, int(cfg["detect"]["max_candidates"]), 6)
+    assert out.detections.shape == (4, cfg.detect.max_candidates, 6)
     real = out.detections[out.detections[..., 0] >= 0]
     assert (real[:, 0] == 0).all() and ((real[:, 1] >= 0) & (real[:, 1] <= 1)).all()
     assert ((real[:, 2:] >= 0) & (real[:, 2:] <= 1)).all()
@@ -147,7 +149,7 @@ def test_task_evaluates_renders_and_predicts_with_faster_rcnn(demo_root, tmp_pat
 
 def test_weights_fill_the_whole_detector_or_its_resnet18_backbone(tmp_path):
     cfg = small_cfg()
-    settings, detect = cfg["model"]["fasterrcnn"], cfg["detect"]
+    settings, detect = cfg.model.fasterrcnn, cfg.detect
     torch.manual_seed(0)
     trained = build_fasterrcnn(1, settings, detect)
     torch.save(trained.state_dict(), tmp_path / "detector.pt")
@@ -169,7 +171,7 @@ def test_the_sweep_file_swaps_in_faster_rcnn_and_its_loss_weights():
     from pipelines.tune import search_space
 
     cfg = load_config("banana", CONFIG_DIR / "sweeps" / "banana_fasterrcnn.yaml")
-    assert cfg["model"]["name"] == "fasterrcnn"
+    assert cfg.model.name == "fasterrcnn"
     assert set(search_space(cfg)) == {f"loss.{name}_weight" for name in two_stage.LOSS_NAMES.values()}
 
 

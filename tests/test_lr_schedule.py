@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cvtasks.settings import OptimSection
 from pipelines.steps import lr_factor, make_optimizer, set_learning_rate
 
 
@@ -27,7 +28,7 @@ def test_constant_keeps_the_base_rate_and_unknown_schedules_are_named():
 
 def test_set_learning_rate_keeps_each_groups_multiple():
     body, head = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    optim = {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
+    optim = OptimSection(name="sgd", lr=0.01, schedule="constant", momentum=0.0, weight_decay=0.0)
     optimizer = make_optimizer([{"params": [body], "lr_mult": 1.0}, {"params": [head], "lr_mult": 10.0}], optim)
     set_learning_rate(optimizer, 0.005)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.005, 0.05])

@@ -31,6 +31,7 @@ from cvtasks.tasks.cifar10 import Cifar10Task
 from cvtasks.tasks.hotdog import HotdogTask
 from cvtasks.tasks.voc import VocTask
 from pipelines.data import count_skipped
+from tests.configs import typed_config
 
 #: Pillow refuses images over twice this many pixels (DecompressionBombError); lowered so a bomb is a small file.
 MAX_PIXELS = 2000
@@ -128,11 +129,13 @@ def assert_names(read: Callable[[], object], path: Path, problem: str, row: int 
         assert err.value.row == row, str(err.value)
 
 
-def skipped_rows(task: Task, root: Path, cfg: dict) -> int:
-    """Index and decode both splits as the pipeline does; the number of rows decode marks ``keep=False``."""
+def skipped_rows(task: Task, root: Path, partial: dict) -> int:
+    """Index and decode both splits as the pipeline does (the task's config with the values of ``partial``); the
+    number of rows decode marks ``keep=False``."""
+    cfg = typed_config(task.name, partial, root)
     skipped = 0
     for split in ("train", "val"):
-        index = task.index(str(root), split, cfg)
+        index = task.index(split, cfg)
         decoded = task.decode({c: index[c].to_numpy() for c in index.columns}, cfg)
         skipped += int((~np.asarray(decoded.get("keep", np.ones(len(index), bool)), dtype=bool)).sum())
     return skipped

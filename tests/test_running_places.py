@@ -74,7 +74,7 @@ def test_resume_continues_the_same_mlflow_run(ray_cluster, mlflow_server, demo_r
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["raycv.torch_threads"] == "2"
-    lr = float(first_cfg["optim"]["lr"])
+    lr = first_cfg.optim.lr
     assert [(m.step, m.value) for m in sorted(client.get_metric_history(first.run_id, "lr"), key=lambda m: m.step)] \
         == [(0, pytest.approx(lr)), (1, pytest.approx(lr * 0.5))]
 

@@ -13,7 +13,7 @@ from tests.tiny.task import TinyTask, write
 
 
 def batches(task: TinyTask, cfg: dict, split: str, train: bool, size: int) -> list[dict[str, torch.Tensor]]:
-    index = task.index(cfg["data"]["root"], split, cfg)
+    index = task.index(split, cfg)
     decoded = task.decode({c: index[c].to_numpy() for c in index.columns}, cfg)
     arrays = task.augment(decoded, train, cfg, np.random.default_rng(0))
     return [{k: torch.from_numpy(v[i : i + size]) for k, v in arrays.items()} for i in range(0, len(index), size)]
@@ -26,7 +26,7 @@ def test_train_one_epoch_evaluate_and_epoch_metrics(monkeypatch, tmp_path):
     task, device = TinyTask(), torch.device("cpu")
     torch.manual_seed(0)
     model = task.build_model(cfg)
-    optimizer = make_optimizer(task.param_groups(model, cfg), cfg["optim"])
+    optimizer = make_optimizer(task.param_groups(model, cfg), cfg.optim)
     train_batches, val_batches = batches(task, cfg, "train", True, 32), batches(task, cfg, "val", False, 64)
     first: list[dict[str, torch.Tensor]] = []
     steps: list[int] = []

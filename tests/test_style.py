@@ -3,6 +3,7 @@ pipeline's pure parts (pairs, metrics, sweep plan). Fast: no Ray, tiny images.""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -77,18 +78,18 @@ def test_loss_terms_sum_layers_and_weights_are_applied_once():
 
 def test_config_weights_are_explicit_numbers_with_the_book_defaults():
     cfg = load_config("style")
-    loss = cfg["loss"]
-    assert all(isinstance(v, float) for v in loss.values())
-    assert (loss["content_weight"], loss["style_weight"], loss["tv_weight"]) == (1.0, 10000.0, 10.0)
-    style = StyleConfig.from_dict(cfg)
+    loss = cfg.loss
+    assert all(isinstance(v, float) for v in dataclasses.asdict(loss).values())
+    assert (loss.content_weight, loss.style_weight, loss.tv_weight) == (1.0, 10000.0, 10.0)
+    style = StyleConfig.from_config(cfg)
     assert style.loss == LossWeights() == style.reference
     assert (style.lr, style.lr_step, style.lr_gamma) == (0.3, 50, 0.8)
     assert style.style_layers == (0, 5, 10, 19, 28) and style.content_layers == (25,)
-    assert StyleConfig.from_dict(load_config("style", overrides=["loss.style_weight=1e5"])).loss.style == 1e5
+    assert StyleConfig.from_config(load_config("style", overrides=["loss.style_weight=1e5"])).loss.style == 1e5
     with pytest.raises(ValueError, match="sides >= 32"):
-        StyleConfig.from_dict(load_config("style", overrides=["style.size=[16, 64]"]))
+        StyleConfig.from_config(load_config("style", overrides=["style.size=[16, 64]"]))
     with pytest.raises(ValueError, match="adam only"):
-        StyleConfig.from_dict(load_config("style", overrides=["optim.name=sgd"]))
+        StyleConfig.from_config(load_config("style", overrides=["optim.name=sgd"]))
 
 
 # --------------------------------------------------------------------------------------------------- image input
@@ -225,7 +226,7 @@ def test_cli_pairs_and_names():
     assert absolute_spec("skimage:brick") == "skimage:brick" and absolute_spec("s3://b/k.png") == "s3://b/k.png"
     assert absolute_spec("rel/a.png").startswith("/")
     cfg = load_config("style")
-    cfg["style"]["pairs"] = [["only-one"]]
+    cfg = cfg.with_values({"style.pairs": [["only-one"]]})
     with pytest.raises(ConfigError, match=r"\[content, style\]"):
         configured_pairs(cfg)
 

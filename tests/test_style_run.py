@@ -61,7 +61,8 @@ def test_pairs_run_as_ray_tasks_and_log_to_mlflow(ray_cluster, mlflow_server, tm
     from pipelines.style import INPUT_FILES, RESULT_FILE, load_pairs, run_pairs
 
     cfg = load_config("style", overrides=[*TINY, "style.steps=6", "style.log_every=3"])
-    cfg["style"]["pairs"] = [["skimage:chelsea", "skimage:brick"], ["skimage:coffee", "skimage:immunohistochemistry"]]
+    cfg = cfg.with_values({"style.pairs": [["skimage:chelsea", "skimage:brick"],
+                                           ["skimage:coffee", "skimage:immunohistochemistry"]]})
     outcomes = run_pairs(cfg, load_pairs(cfg), mlflow_server.url, tmp_path / "out")
     assert [o.error for o in outcomes] == [None, None]
     client = MlflowClient(mlflow_server.url)

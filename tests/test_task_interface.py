@@ -36,7 +36,7 @@ def tiny_root(tiny, tmp_path):
 
 def test_the_registry_derives_everything_from_the_declaration(tiny, tiny_root, capsys):
     cfg = load_config(tiny, overrides=[f"data.root={tiny_root}"])  # its own YAML, over pipelines' defaults
-    assert cfg["task"] == tiny and cfg["model"]["width"] == 8 and "scaling" in cfg
+    assert cfg.task == tiny and cfg.model.width == 8 and cfg.scaling.workers == 1
     assert [s.name for s in demo_steps() if s.task == tiny] == ["tiny"]
     assert type(runner_for(tiny)).__name__ == "TrainRunner"
     assert tiny in registry.task_names() and "tiny-sides" in datasets.demo_datasets()

@@ -3,6 +3,7 @@
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
+from pipelines.config import load_config
 
 
 def _epochs(client: MlflowClient, run_id: str) -> list[int]:
@@ -11,7 +12,7 @@ def _epochs(client: MlflowClient, run_id: str) -> list[int]:
 
 def test_replay_logs_only_missing_epochs_and_reports_all_the_run_has(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = tracking.create_run(client, "cifar10", {"task": "cifar10"})
+    run_id = tracking.create_run(client, "cifar10", load_config("cifar10"))
     tracking.log_epoch(client, run_id, 0, {"val_acc": 0.3})
     tracking.log_epoch(client, run_id, 2, {"val_acc": 0.5})  # logged by an attempt whose checkpoint was lost
 
@@ -27,7 +28,7 @@ def test_best_model_registers_in_the_clients_store_whatever_the_default_store(tm
 
     uri = f"sqlite:///{tmp_path / 'runs.db'}"
     client = MlflowClient(uri)
-    run_id = tracking.create_run(client, "cifar10", {"task": "cifar10"})
+    run_id = tracking.create_run(client, "cifar10", load_config("cifar10"))
     tracking.log_model_state(client, run_id, torch.nn.Linear(2, 1).state_dict(), None)
     elsewhere = f"sqlite:///{tmp_path / 'other.db'}"  # e.g. ./mlflow.db while --tracking-uri names another store
     mlflow.set_tracking_uri(elsewhere)
@@ -48,7 +49,7 @@ def test_sweep_moves_best_only_to_a_better_model(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}")
     runs = {}
     for name, accuracy in (("first", 0.6), ("worse", 0.5), ("better", 0.7)):
-        runs[name] = tracking.create_run(client, "cifar10", {"task": "cifar10"})
+        runs[name] = tracking.create_run(client, "cifar10", load_config("cifar10"))
         client.log_metric(runs[name], "val_acc", accuracy)
         tracking.log_model_state(client, runs[name], torch.nn.Linear(2, 1).state_dict(), None)
     assert tracking.alias_metric(client, "cifar10", tracking.BEST_ALIAS, "val_acc") is None
@@ -68,7 +69,7 @@ def test_latest_names_the_newest_registered_version(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}")
     for expected in ("1", "2"):
-        run_id = tracking.create_run(client, "cifar10", {"task": "cifar10"})
+        run_id = tracking.create_run(client, "cifar10", load_config("cifar10"))
         tracking.log_model_state(client, run_id, torch.nn.Linear(2, 1).state_dict(), None)
         assert tracking.register_model(client, "cifar10", run_id, tracking.LATEST_ALIAS) == expected
         assert client.get_model_version_by_alias("raycv-cifar10", tracking.LATEST_ALIAS).run_id == run_id

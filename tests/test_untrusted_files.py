@@ -21,6 +21,7 @@ from cvtasks.errors import DataFormatError
 from cvtasks.models.resnet import finetune_resnet18
 from cvtasks.models.vgg import resolve_vgg_weights
 from cvtasks.models.weights import load_state_dict_file
+from cvtasks.settings import OptimSection
 from pipelines import tracking
 from pipelines.config import load_config
 from pipelines.loop import CHECKPOINT_FILE, load_checkpoint
@@ -29,6 +30,7 @@ from pipelines.steps import make_optimizer
 from pipelines.weights import resolve_state_dict
 
 CIFAR_CLASSES = [f"class-{i}" for i in range(10)]
+ADAM = OptimSection(name="adam", lr=0.01, schedule="constant", momentum=0.9, weight_decay=0.0)
 
 
 class MakesMarker:
@@ -89,7 +91,7 @@ def test_malicious_checkpoint_is_refused_naming_it(tmp_path, marker):
 def test_checkpoint_round_trips_tensor_only(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = make_optimizer([{"params": list(model.parameters()), "lr_mult": 2.0}],
-                               {"name": "adam", "lr": 0.01, "weight_decay": 0.0})
+                               ADAM)
     model(torch.ones(4, 3)).sum().backward()
     optimizer.step()
     history = [{"train_loss": 1.25, "val_acc": 0.5, "examples_per_sec": 123.4, "lr": 0.01, "epoch": 0},
@@ -103,7 +105,7 @@ def test_checkpoint_round_trips_tensor_only(tmp_path):
     restored = torch.nn.Linear(3, 2)
     restored.load_state_dict(state["model"])
     again = make_optimizer([{"params": list(restored.parameters()), "lr_mult": 2.0}],
-                           {"name": "adam", "lr": 0.01, "weight_decay": 0.0})
+                           ADAM)
     again.load_state_dict(state["optimizer"])
     torch.testing.assert_close(restored.weight, model.weight)
     assert again.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
@@ -146,7 +148,7 @@ def test_logged_model_round_trips_through_runs_and_registry_uris_and_predicts(tm
 
     cfg = cifar_cfg(tmp_path)
     run_id = tracking.create_run(store, "cifar10", cfg)
-    trained = get_task("cifar10").build_model({**cfg, "data": {**cfg["data"], "class_names": CIFAR_CLASSES}})
+    trained = get_task("cifar10").build_model(cfg.with_values({"data.class_names": CIFAR_CLASSES}))
     tracking.log_model_state(store, run_id, trained.state_dict(), CIFAR_CLASSES)
     version = tracking.register_model(store, "cifar10", run_id, "best")
 
@@ -195,7 +197,7 @@ def test_workers_build_from_the_drivers_weights_not_its_files(ray_cluster, tmp_p
     path = tmp_path / "pretrained.pt"
     torch.save(source.state_dict(), path)
     cfg = load_config("hotdog", overrides=[f"model.weights={path}"])
-    cfg["data"]["class_names"] = ["hotdog", "not-hotdog"]  # no dataset needed on the worker
+    cfg = cfg.with_values({"data.class_names": ["hotdog", "not-hotdog"]})  # no dataset needed on the worker
     resolved = put_weights(cfg, "sqlite:///unused.db")
     path.unlink()  # exists only on the driver's disk, and not even there any more
 
@@ -209,5 +211,5 @@ def test_workers_build_from_the_drivers_weights_not_its_files(ray_cluster, tmp_p
     torch.testing.assert_close(state["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
     assert state["fc.weight"].shape == (2, 512)
 
-    cfg["model"]["weights"] = "scratch"
+    cfg = cfg.with_values({"model.weights": "scratch"})
     assert put_weights(cfg, "sqlite:///unused.db") is None

@@ -17,13 +17,14 @@ from cvtasks.demo import voc as demo
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import voc
 from cvtasks.tasks.voc import VocTask, background_miou, per_class_iou_csv
+from tests.configs import at_root, typed_config
 
 CROP = (48, 64)
-CFG = {
+CFG = typed_config("voc", {
     "data": {"skip_bad": False},
     "model": {"weights": "scratch", "head_lr_mult": 1.0},
     "augment": {"crop_size": list(CROP), "small": "filter", "hflip": 0.5},
-}
+})
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -194,7 +195,7 @@ def test_confusion_matrix_and_ious_by_hand():
 # --- the task ------------------------------------------------------------------------------------------------------
 
 def decoded(task: VocTask, root, split: str, cfg=CFG) -> dict[str, np.ndarray]:
-    return task.decode(batch_of(task.index(str(root), split, cfg)), cfg)
+    return task.decode(batch_of(task.index(split, at_root(cfg, str(root)))), cfg)
 
 
 def test_decode_filters_or_keeps_images_smaller_than_the_crop(demo_root):
@@ -204,21 +205,21 @@ def test_decode_filters_or_keeps_images_smaller_than_the_crop(demo_root):
     assert 0 < sum(fits) < len(fits)  # the fixture draws sides of 40..90 around the 48x64 crop
     np.testing.assert_array_equal(filtered["keep"], fits)
     assert len(task.augment(filtered, True, CFG, np.random.default_rng(0))["mask"]) == sum(fits)
-    padded = decoded(task, demo_root, "train", {**CFG, "augment": {**CFG["augment"], "small": "pad"}})
+    padded = decoded(task, demo_root, "train", CFG.with_values({"augment.small": "pad"}))
     assert padded["keep"].all()
     with pytest.raises(ValueError, match='Unknown augment.small policy "shrink"'):
-        decoded(task, demo_root, "train", {**CFG, "augment": {**CFG["augment"], "small": "shrink"}})
+        decoded(task, demo_root, "train", CFG.with_values({"augment.small": "shrink"}))
 
 
 def test_decode_skips_bad_files_only_when_asked(demo_root, tmp_path):
     task = VocTask()
-    batch = batch_of(task.index(str(demo_root), "val", CFG))
+    batch = batch_of(task.index("val", at_root(CFG, str(demo_root))))
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
     batch["image_path"] = batch["image_path"].copy()
     batch["image_path"][1] = str(tmp_path / "bad.jpg")
     with pytest.raises(DataFormatError, match="bad.jpg"):
         task.decode(batch, CFG)
-    out = task.decode(batch, {**CFG, "data": {"skip_bad": True}, "augment": {**CFG["augment"], "small": "pad"}})
+    out = task.decode(batch, CFG.with_values({"data.skip_bad": True, "augment.small": "pad"}))
     assert out["keep"].tolist() == [True, False, True]
 
 
@@ -237,7 +238,7 @@ def test_loss_ignores_boundary_pixels():
 def test_task_learns_a_batch_and_reports_its_metrics(demo_root):
     torch.manual_seed(0)
     task = VocTask()
-    cfg = {**CFG, "augment": {**CFG["augment"], "small": "pad"}}
+    cfg = CFG.with_values({"augment.small": "pad"})
     arrays = task.augment(decoded(task, demo_root, "train", cfg), False, cfg, np.random.default_rng(0))
     batch = {key: torch.from_numpy(value) for key, value in arrays.items()}
     model = task.build_model(cfg)

@@ -17,8 +17,8 @@ resizing the 128 px batches, and the anchors (one size per FPN level, smallest o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
@@ -30,12 +30,32 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from cvtasks.models import weights as W
+from cvtasks.settings import Section
+
+if TYPE_CHECKING:
+    from cvtasks.detection import DetectSettings
 
 #: ResNet-18 stages that feed the FPN (strides 8, 16, 32) and their channels; the FPN adds a max-pooled level.
 RESNET_LAYERS = ("layer2", "layer3", "layer4")
 RESNET_CHANNELS = (128, 256, 512)
 #: Side of the RoI Align grid each proposal is pooled to (torchvision's default).
 ROI_GRID = 7
+
+
+@dataclass(frozen=True)
+class FasterRCNNSettings(Section):
+    """The ``model.fasterrcnn`` section (see banana.yaml for each value's meaning and torchvision's default)."""
+
+    fpn_channels: int
+    representation: int
+    anchor_sizes: list[int]
+    aspect_ratios: list[float]
+    min_size: int
+    max_size: int
+    rpn_pre_nms_top_n: int
+    rpn_post_nms_top_n: int
+    rpn_batch_size_per_image: int
+    box_batch_size_per_image: int
 
 
 def resnet18_fpn(fpn_channels: int) -> BackboneWithFPN:
@@ -46,7 +66,7 @@ def resnet18_fpn(fpn_channels: int) -> BackboneWithFPN:
                            extra_blocks=LastLevelMaxPool())
 
 
-def build_fasterrcnn(num_classes: int, settings: Mapping[str, Any], detect: Mapping[str, Any],
+def build_fasterrcnn(num_classes: int, settings: FasterRCNNSettings, detect: DetectSettings,
                      weights_spec: str = W.SCRATCH) -> FasterRCNN:
     """Faster R-CNN for ``num_classes`` object classes (plus background, label 0).
 
@@ -54,28 +74,28 @@ def build_fasterrcnn(num_classes: int, settings: Mapping[str, Any], detect: Mapp
     lowest kept confidence and detections per image, shared with TinySSD). ``weights_spec`` as ``model.weights``
     (see :func:`load_weights`).
     """
-    sizes = [int(s) for s in settings["anchor_sizes"]]
+    sizes = settings.anchor_sizes
     levels = len(RESNET_LAYERS) + 1
     if len(sizes) != levels:
         raise ValueError(f"model.fasterrcnn.anchor_sizes needs {levels} sizes (one per FPN level), got {sizes}")
-    fpn_channels, representation = int(settings["fpn_channels"]), int(settings["representation"])
-    ratios = tuple(float(r) for r in settings["aspect_ratios"])
-    pre_nms, post_nms = int(settings["rpn_pre_nms_top_n"]), int(settings["rpn_post_nms_top_n"])
+    fpn_channels, representation = settings.fpn_channels, settings.representation
+    ratios = tuple(settings.aspect_ratios)
+    pre_nms, post_nms = settings.rpn_pre_nms_top_n, settings.rpn_post_nms_top_n
     model = FasterRCNN(
         resnet18_fpn(fpn_channels), num_classes=None,
-        min_size=int(settings["min_size"]), max_size=int(settings["max_size"]),
+        min_size=settings.min_size, max_size=settings.max_size,
         rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * levels),
         # The same proposal counts in training and evaluation: an evaluation pass computes its losses and its
         # detections from one set of proposals (cvtasks.two_stage.forward).
         rpn_pre_nms_top_n_train=pre_nms, rpn_pre_nms_top_n_test=pre_nms,
         rpn_post_nms_top_n_train=post_nms, rpn_post_nms_top_n_test=post_nms,
-        rpn_batch_size_per_image=int(settings["rpn_batch_size_per_image"]),
+        rpn_batch_size_per_image=settings.rpn_batch_size_per_image,
         box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(len(RESNET_LAYERS))], ROI_GRID, sampling_ratio=2),
         box_head=TwoMLPHead(fpn_channels * ROI_GRID**2, representation),
         box_predictor=FastRCNNPredictor(representation, num_classes + 1),
-        box_batch_size_per_image=int(settings["box_batch_size_per_image"]),
-        box_score_thresh=float(detect["pos_threshold"]), box_nms_thresh=float(detect["nms_threshold"]),
-        box_detections_per_img=int(detect["max_candidates"]),
+        box_batch_size_per_image=settings.box_batch_size_per_image,
+        box_score_thresh=detect.pos_threshold, box_nms_thresh=detect.nms_threshold,
+        box_detections_per_img=detect.max_candidates,
     )
     model.weights_description = load_weights(model, weights_spec)
     return model

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from cvtasks.errors import DataFormatError
 from cvtasks.formats import banana as fmt
 from cvtasks.formats.imagefolder import PLACEHOLDER, object_array
 from cvtasks.images import decode_rgb
-from cvtasks.models.fasterrcnn import build_fasterrcnn
+from cvtasks.models.fasterrcnn import FasterRCNNSettings, build_fasterrcnn
 from cvtasks.models.ssd import TinySSD
 from cvtasks.models.weights import SCRATCH
 from cvtasks.pictures import (
@@ -50,6 +51,7 @@ from cvtasks.pictures import (
     grid,
     to_pixels,
 )
+from cvtasks.settings import DataSection, Section
 from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
 
 log = logging.getLogger(__name__)
@@ -68,26 +70,58 @@ PROPOSALS_DRAWN = 10
 PROPOSAL_COLOUR = PALETTE[0]
 
 
+@dataclass(frozen=True)
+class BananaData(DataSection):
+    classes: list[str]  # class names by label id
+    max_objects: int  # boxes per image after padding with class -1 rows
+
+
+@dataclass(frozen=True)
+class BananaModel(Section):
+    name: str = MODELS[0]  # tinyssd | fasterrcnn (TinySSD for runs logged before there was a choice)
+    width: float = 0.5  # tinyssd: channel multiple of d2l's TinySSD
+    weights: str = SCRATCH  # fasterrcnn: scratch | imagenet | a state-dict file | runs:/<id>/model
+    fasterrcnn: FasterRCNNSettings | None = None
+
+
+@dataclass(frozen=True)
+class BananaLoss(Section):
+    cls_weight: float
+    bbox_weight: float
+    rpn_objectness_weight: float = 1.0
+    rpn_box_weight: float = 1.0
+    roi_class_weight: float = 1.0
+    roi_box_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class BananaAugment(Section):
+    size: int
+    hflip: float
+    crop: float
+    crop_scale: list[float]
+    crop_ratio: list[float]
+    crop_min_visible: float
+    color: dict[str, float]
+
+
 def class_names(cfg: Config) -> list[str]:
-    names = [str(n) for n in cfg["data"]["classes"]]
+    names = list(cfg.data.classes)
     if not names:
         raise ValueError("data.classes must name at least one class")
     return names
 
 
 def box_augment(cfg: Config) -> BoxAugment:
-    aug = cfg["augment"]
-    return BoxAugment(
-        size=int(aug["size"]), max_objects=int(cfg["data"]["max_objects"]), hflip=float(aug["hflip"]),
-        crop=float(aug["crop"]), crop_scale=tuple(float(v) for v in aug["crop_scale"]),
-        crop_ratio=tuple(float(v) for v in aug["crop_ratio"]), crop_min_visible=float(aug["crop_min_visible"]),
-        color={k: float(v) for k, v in aug["color"].items()},
-    )
+    aug: BananaAugment = cfg.augment
+    return BoxAugment(size=aug.size, max_objects=cfg.data.max_objects, hflip=aug.hflip, crop=aug.crop,
+                      crop_scale=tuple(aug.crop_scale), crop_ratio=tuple(aug.crop_ratio),
+                      crop_min_visible=aug.crop_min_visible, color=aug.color)
 
 
 def model_name(cfg: Config) -> str:
-    """``model.name``; TinySSD where a config has none (runs logged before there was a choice)."""
-    name = str(cfg["model"].get("name", MODELS[0]))
+    """``model.name``, checked."""
+    name = cfg.model.name
     if name not in MODELS:
         raise ValueError(f"model.name must be one of {', '.join(MODELS)}, got {name!r}")
     return name
@@ -101,14 +135,14 @@ def detections(model: nn.Module, images: torch.Tensor, cfg: Config) -> torch.Ten
 
 
 def detect(anchors: torch.Tensor, cls_preds: torch.Tensor, bbox_preds: torch.Tensor, cfg: Config) -> torch.Tensor:
-    settings = cfg["detect"]
-    return det.detect(anchors, cls_preds, bbox_preds, float(settings["nms_threshold"]),
-                      float(settings["pos_threshold"]), int(settings["max_candidates"]))
+    settings: det.DetectSettings = cfg.detect
+    return det.detect(anchors, cls_preds, bbox_preds, settings.nms_threshold, settings.pos_threshold,
+                      settings.max_candidates)
 
 
 def shown(rows: torch.Tensor, cfg: Config, limit: int) -> torch.Tensor:
     """The rows of one image's detections worth showing: a class, confidence >= ``detect.score_threshold``."""
-    keep = (rows[:, 0] >= 0) & (rows[:, 1] >= float(cfg["detect"]["score_threshold"]))
+    keep = (rows[:, 0] >= 0) & (rows[:, 1] >= cfg.detect.score_threshold)
     rows = rows[keep]
     return rows[rows[:, 1].argsort(descending=True)][:limit]
 
@@ -133,6 +167,8 @@ def draw_detections(image: np.ndarray, rows: np.ndarray, names: list[str]) -> np
 class BananaTask(Task):
     name = "banana"
     metric = "val_map50"
+    sections = {"data": BananaData, "model": BananaModel, "loss": BananaLoss, "augment": BananaAugment,
+                "detect": det.DetectSettings}
     datasets = (Dataset(
         "banana", "banana-detection", demo_writer="cvtasks.demo.banana:write", demo_cost=5,
         download=Download(D2L_DATA_URL + "banana-detection.zip", "sha1", "5de26c8fce5ccdea9f91267273464dc968d20d72",
@@ -142,11 +178,11 @@ class BananaTask(Task):
     tensor_keys = ("image", "boxes")
     train_metrics = False
 
-    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
+    def index(self, split: str, cfg: Config) -> pd.DataFrame:
         """:func:`cvtasks.formats.banana.index`; an image with more boxes than ``data.max_objects`` is an error
         naming the label file and the first row beyond the limit."""
-        index = fmt.index(root, split, len(class_names(cfg)), skip_bad=bool(cfg["data"].get("skip_bad", False)))
-        limit = int(cfg["data"]["max_objects"])
+        index = fmt.index(cfg.data.root, split, len(class_names(cfg)), skip_bad=cfg.data.skip_bad)
+        limit = cfg.data.max_objects
         counts = index["boxes"].map(len)
         if (counts > limit).any():
             i = int(np.argmax(counts.to_numpy() > limit))
@@ -161,7 +197,7 @@ class BananaTask(Task):
         Rows whose index ``problem`` is set, and (under ``data.skip_bad``) images that fail to decode or whose
         boxes leave the image, get ``keep=False`` and are logged.
         """
-        skip_bad = bool(cfg["data"].get("skip_bad", False))
+        skip_bad = cfg.data.skip_bad
         images, boxes, keep = [], [], np.ones(len(batch["path"]), dtype=bool)
         rows = zip(batch["path"], batch["boxes"], batch["rows"], batch["label_file"], batch["problem"], strict=True)
         for i, (path, pixel_boxes, lines, labels, problem) in enumerate(rows):
@@ -190,13 +226,15 @@ class BananaTask(Task):
 
     def build_model(self, cfg: Config) -> nn.Module:
         """TinySSD, or Faster R-CNN with ``model.weights`` for ``model.name=fasterrcnn``."""
-        spec = str(cfg["model"].get("weights", SCRATCH))
+        spec = cfg.model.weights
         if model_name(cfg) == "fasterrcnn":
-            return build_fasterrcnn(len(class_names(cfg)), cfg["model"]["fasterrcnn"], cfg["detect"], spec)
+            if cfg.model.fasterrcnn is None:
+                raise ValueError("model.name=fasterrcnn needs the model.fasterrcnn section (see banana.yaml)")
+            return build_fasterrcnn(len(class_names(cfg)), cfg.model.fasterrcnn, cfg.detect, spec)
         if spec != SCRATCH:
             raise ValueError(f"model.weights={spec}: TinySSD trains from scratch; pretrained weights are for "
                              "model.name=fasterrcnn")
-        return TinySSD(len(class_names(cfg)), width=float(cfg["model"]["width"]))
+        return TinySSD(len(class_names(cfg)), width=cfg.model.width)
 
     def forward(self, model: nn.Module, batch: TensorBatch) -> det.SSDOutput | two_stage.TwoStageOutput:
         if two_stage.is_two_stage(model):
@@ -208,21 +246,21 @@ class BananaTask(Task):
         """``loss.cls_weight`` x class cross-entropy + ``loss.bbox_weight`` x masked offset L1; parts unweighted.
         Faster R-CNN: :func:`cvtasks.two_stage.weighted_loss`."""
         if isinstance(out, two_stage.TwoStageOutput):
-            return two_stage.weighted_loss(out, cfg["loss"])
+            return two_stage.weighted_loss(out, cfg.loss)
         cls, bbox = det.loss_parts(out.cls_preds, out.bbox_preds, out.target)
-        total = float(cfg["loss"]["cls_weight"]) * cls + float(cfg["loss"]["bbox_weight"]) * bbox
+        total = cfg.loss.cls_weight * cls + cfg.loss.bbox_weight * bbox
         return total, {"cls": cls.detach(), "bbox": bbox.detach()}
 
     def metric_sums(self, out: det.SSDOutput | two_stage.TwoStageOutput, batch: TensorBatch,
                     cfg: Config) -> dict[str, torch.Tensor]:
         if isinstance(out, two_stage.TwoStageOutput):
             found = out.detections
-            sums = two_stage.box_sums(found, batch["boxes"], float(cfg["detect"]["score_threshold"]), MAP_IOU)
+            sums = two_stage.box_sums(found, batch["boxes"], cfg.detect.score_threshold, MAP_IOU)
         else:
             sums = det.anchor_sums(out.cls_preds, out.bbox_preds, out.target)
             found = detect(out.anchors, out.cls_preds, out.bbox_preds, cfg)
         sums.update(det.ap_sums(found, batch["boxes"], len(class_names(cfg)), MAP_IOU,
-                                int(cfg["detect"]["score_bins"])))
+                                cfg.detect.score_bins))
         return {k: v.to(batch["boxes"].device) for k, v in sums.items()}
 
     def summarize(self, sums: dict[str, torch.Tensor], cfg: Config) -> dict[str, float]:
@@ -312,7 +350,7 @@ class BananaTask(Task):
         """Per image ``NNN_<name>.png`` with its detections drawn, and ``detections.json``: per image its size and
         detections (class id, class, score, box [x1, y1, x2, y2] in the image's pixels), confidence
         >= ``detect.score_threshold``, at most ``MAX_PREDICTED``."""
-        names, size = class_names(cfg), int(cfg["augment"]["size"])
+        names, size = class_names(cfg), cfg.augment.size
         images = [decode_rgb(storage.read_bytes(p), p) for p in paths]
         inputs = torch.from_numpy(T.to_nchw(T.to_unit_float(np.stack([resize(im, size) for im in images]))))
         with torch.no_grad():

@@ -3,13 +3,14 @@
 Data flows as dicts of numpy arrays (Ray Data's "numpy" batch format) until the training loop turns
 them into tensors:
 
-    index(root, split)  -> DataFrame, one row per sample (paths, labels; nothing decoded)
+    index(split, cfg)   -> DataFrame, one row per sample (paths, labels; nothing decoded)
     decode(batch)       -> uint8 arrays; deterministic, so the pipeline may cache its output
     augment(batch)      -> model-ready float32 / int64 arrays, freshly random each call when train=True
     forward/loss        -> weighted loss and its named parts
     metric_sums         -> additive tensors, summed over batches and workers, then ``summarize``d
 
-``cfg`` is the task's resolved config: a nested dict loaded from ``pipelines/configs/<task>.yaml``.
+``cfg`` is the task's resolved, typed config (:class:`cvtasks.settings.TaskConfig`) built from its YAML and the
+overrides: one dataclass per section, the task's own sections declared in ``sections``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from PIL import Image
 from torch import nn
 
 from cvtasks.catalog import Workload
+from cvtasks.settings import TaskConfig
 
 Batch = dict[str, np.ndarray]
 TensorBatch = dict[str, torch.Tensor]
-Config = dict[str, Any]
+#: The task's typed config (:class:`cvtasks.settings.TaskConfig`): ``cfg.data.batch_size``, ``cfg.detect...``.
+Config = TaskConfig
 
 
 class Task(Workload, ABC):
@@ -43,8 +46,8 @@ class Task(Workload, ABC):
     train_metrics: ClassVar[bool] = True
 
     @abstractmethod
-    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
-        """One row per sample of ``split`` ("train" or "val") under dataset root ``root``."""
+    def index(self, split: str, cfg: Config) -> pd.DataFrame:
+        """One row per sample of ``split`` ("train" or "val") of the dataset under ``cfg.data.root``."""
 
     @abstractmethod
     def decode(self, batch: Batch, cfg: Config) -> Batch:

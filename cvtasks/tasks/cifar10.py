@@ -7,6 +7,8 @@ bytes, so ``decode`` is one reshape per batch. Inputs stay in [0, 1] (d2l's ``To
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from torch import nn
@@ -15,11 +17,18 @@ from cvtasks.catalog import Dataset, DemoStep, Download
 from cvtasks.classification import ClassificationTask
 from cvtasks.formats import cifar
 from cvtasks.models.resnet import cifar_resnet18
+from cvtasks.settings import Section
 from cvtasks.tasks.base import Batch, Config
+
+
+@dataclass(frozen=True)
+class Cifar10Model(Section):
+    width: int  # channels of the first ResNet-18 stage (d2l: 64)
 
 
 class Cifar10Task(ClassificationTask):
     name = "cifar10"
+    sections = {**ClassificationTask.sections, "model": Cifar10Model}
     datasets = (Dataset(
         "cifar10", "cifar-10-batches-py", demo_writer="cvtasks.demo.cifar:write", demo_cost=3,
         # The CIFAR page publishes an MD5 only; this SHA-256 of the same 170,498,071-byte file is the one
@@ -29,15 +38,15 @@ class Cifar10Task(ClassificationTask):
     ),)
     demo_steps = (DemoStep("cifar10", "cifar10", ("train.epochs=3", "scaling.workers=2", "data.batch_size=64")),)
 
-    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
-        return cifar.index(root, split)
+    def index(self, split: str, cfg: Config) -> pd.DataFrame:
+        return cifar.index(cfg.data.root, split)
 
     def decode(self, batch: Batch, cfg: Config) -> Batch:
         images = cifar.decode_pixels(batch["pixels"], batch["path"], batch["row"])
         return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)}
 
     def build_model(self, cfg: Config) -> nn.Module:
-        return cifar_resnet18(num_classes=len(self.class_names(cfg)), width=int(cfg["model"]["width"]))
+        return cifar_resnet18(num_classes=len(self.class_names(cfg)), width=cfg.model.width)
 
     def read_class_names(self, cfg: Config) -> list[str]:
-        return cifar.read_label_names(cfg["data"]["root"])
+        return cifar.read_label_names(cfg.data.root)

@@ -11,6 +11,7 @@ a new xavier-initialised ``fc`` head trained at ``optim.head_lr_mult`` x the bas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,10 @@ import pandas as pd
 from torch import nn
 
 from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
-from cvtasks.classification import ClassificationTask
+from cvtasks.classification import ClassificationData, ClassificationTask
 from cvtasks.formats import imagefolder
 from cvtasks.models.resnet import finetune_resnet18, head_param_groups
+from cvtasks.settings import OptimSection, Section
 from cvtasks.tasks.base import Batch, Config
 
 #: Small, CPU-friendly demo inputs (d2l: 224 crops of images resized to 256). The demo's 160 hot dog training
@@ -34,8 +36,24 @@ DEMO_CPU = ("augment.size=64", "augment.resize_size=72", "augment.crop_scale=[0.
 COSINE = "optim.schedule=cosine"
 
 
+@dataclass(frozen=True)
+class HotdogData(ClassificationData):
+    dataset: str = "hotdog"  # the folder under data.root: hotdog, or another dataset of that layout
+
+
+@dataclass(frozen=True)
+class HotdogOptim(OptimSection):
+    head_lr_mult: float = 10.0  # the new fc head learns at this multiple of optim.lr (d2l: 10)
+
+
+@dataclass(frozen=True)
+class FinetuneModel(Section):
+    weights: str  # imagenet | scratch | a state-dict file | runs:/<id>/model | models:/...
+
+
 class HotdogTask(ClassificationTask):
     name = "hotdog"
+    sections = {**ClassificationTask.sections, "data": HotdogData, "optim": HotdogOptim, "model": FinetuneModel}
     datasets = (
         Dataset("hotdog", "hotdog", demo_writer="cvtasks.demo.hotdog:write", demo_cost=2,
                 download=Download(D2L_DATA_URL + "hotdog.zip", "sha1", "fba480ffa8aa7e0febbb511d181409f899b9baa5",
@@ -61,19 +79,18 @@ class HotdogTask(ClassificationTask):
                  kind="tune", sweep={"num_samples": 3, "scheduler": "asha", "max_concurrent": 2}),
     )
 
-    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
-        return imagefolder.index(root, cfg["data"]["dataset"], split)
+    def index(self, split: str, cfg: Config) -> pd.DataFrame:
+        return imagefolder.index(cfg.data.root, cfg.data.dataset, split)
 
     def decode(self, batch: Batch, cfg: Config) -> Batch:
-        images, keep = imagefolder.decode_images(batch["path"], skip_bad=bool(cfg["data"]["skip_bad"]))
+        images, keep = imagefolder.decode_images(batch["path"], skip_bad=cfg.data.skip_bad)
         return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64), "keep": keep}
 
     def build_model(self, cfg: Config) -> nn.Module:
-        return finetune_resnet18(len(self.class_names(cfg)), str(cfg["model"]["weights"]))
+        return finetune_resnet18(len(self.class_names(cfg)), cfg.model.weights)
 
     def param_groups(self, model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
-        return head_param_groups(model, float(cfg["optim"]["head_lr_mult"]))
+        return head_param_groups(model, cfg.optim.head_lr_mult)
 
     def read_class_names(self, cfg: Config) -> list[str]:
-        data = cfg["data"]
-        return imagefolder.find_classes(imagefolder.split_dir(data["root"], data["dataset"], "train"))
+        return imagefolder.find_classes(imagefolder.split_dir(cfg.data.root, cfg.data.dataset, "train"))

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from cvtasks.errors import DataFormatError
 from cvtasks.formats import voc
 from cvtasks.images import decode_rgb
 from cvtasks.models.fcn import FCN, build_fcn
+from cvtasks.settings import Section
 from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,28 @@ RENDER_COLUMNS = 4
 RENDER_PREDICTIONS = 4
 
 
+@dataclass(frozen=True)
+class VocModel(Section):
+    weights: str  # the FCN's ResNet-18 backbone: scratch | imagenet | a state-dict file | runs:/<id>/model
+    head_lr_mult: float  # the new 1x1 classifier and upsampling learn at this multiple of optim.lr
+
+
+@dataclass(frozen=True)
+class VocAugment(Section):
+    crop_size: list[int]  # [height, width] of the random (train) / centre (val) crop
+    small: str  # images smaller than the crop: filter (drop) | pad
+    hflip: float  # probability of a horizontal flip of image and mask
+
+
 def crop_size(cfg: Config) -> tuple[int, int]:
-    height, width = (int(v) for v in cfg["augment"]["crop_size"])
+    height, width = cfg.augment.crop_size
     if height <= 0 or width <= 0:
         raise ValueError(f"augment.crop_size must be two positive ints [height, width], got {[height, width]}")
     return height, width
 
 
 def small_policy(cfg: Config) -> str:
-    policy = cfg["augment"]["small"]
+    policy = cfg.augment.small
     if policy not in SMALL_POLICIES:
         raise ValueError(f'Unknown augment.small policy "{policy}": use {" or ".join(SMALL_POLICIES)}')
     return policy
@@ -69,6 +84,7 @@ def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
 class VocTask(Task):
     name = "voc"
     metric = "val_miou"
+    sections = {"model": VocModel, "augment": VocAugment}
     datasets = (Dataset(
         "voc", "VOCdevkit", demo_writer="cvtasks.demo.voc:write", demo_cost=1, aliases=("voc2012",),
         download=Download(D2L_DATA_URL + "VOCtrainval_11-May-2012.tar", "sha1",
@@ -77,8 +93,8 @@ class VocTask(Task):
     demo_steps = (DemoStep("voc", "voc", (ALL_CORES, "train.epochs=6")),)
     tensor_keys = ("image", "mask")
 
-    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
-        return voc.index(root, split)
+    def index(self, split: str, cfg: Config) -> pd.DataFrame:
+        return voc.index(cfg.data.root, split)
 
     def decode(self, batch: Batch, cfg: Config) -> Batch:
         """Paths -> ``image`` (uint8 (H, W, 3) each), ``mask`` (uint8 (H, W) each) object arrays and ``keep``.
@@ -87,7 +103,7 @@ class VocTask(Task):
         ``augment.small: filter``, for images smaller than the crop.
         """
         size, policy = crop_size(cfg), small_policy(cfg)
-        skip_bad = bool(cfg["data"].get("skip_bad", False))
+        skip_bad = cfg.data.skip_bad
         images, masks, keep = [], [], []
         small = bad = 0
         for image_path, mask_path in zip(batch["image_path"], batch["mask_path"], strict=True):
@@ -124,18 +140,18 @@ class VocTask(Task):
             images = [im for im, k in zip(images, kept, strict=True) if k]
             masks = [m for m, k in zip(masks, kept, strict=True) if k]
         image, mask = seg.paired_batch(images, masks, crop_size(cfg), train=train, rng=rng,
-                                       hflip_prob=float(cfg["augment"]["hflip"]), ignore_index=voc.IGNORE_INDEX)
+                                       hflip_prob=cfg.augment.hflip, ignore_index=voc.IGNORE_INDEX)
         return {"image": image, "mask": mask}
 
     def build_model(self, cfg: Config) -> nn.Module:
-        return build_fcn(voc.NUM_CLASSES, str(cfg["model"]["weights"]))
+        return build_fcn(voc.NUM_CLASSES, cfg.model.weights)
 
     def param_groups(self, model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
         """Backbone at the base lr; the new 1x1 classifier and upsampling at ``model.head_lr_mult`` times it."""
         fcn: FCN = model.module if hasattr(model, "module") else model
         return [
             {"params": list(fcn.backbone.parameters()), "lr_mult": 1.0},
-            {"params": fcn.head_parameters(), "lr_mult": float(cfg["model"]["head_lr_mult"])},
+            {"params": fcn.head_parameters(), "lr_mult": cfg.model.head_lr_mult},
         ]
 
     def loss(self, out: torch.Tensor, batch: TensorBatch, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

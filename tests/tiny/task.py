@@ -8,6 +8,7 @@ on-disk format is its own: ``tiny-sides/<split>.npz`` holding ``images`` (N, 16,
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 
 from cvtasks.catalog import Dataset, DemoStep
 from cvtasks.errors import DataFormatError
+from cvtasks.settings import Section
 from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
 
 FOLDER = "tiny-sides"
@@ -39,15 +41,21 @@ def write(root: str | Path, seed: int = 0) -> None:
         np.savez(folder / f"{split}.npz", images=images, labels=labels)
 
 
+@dataclass(frozen=True)
+class TinyModel(Section):
+    width: int  # channels of its one convolution
+
+
 class TinyTask(Task):
     name = "tiny"
     metric = "val_acc"
+    sections = {"model": TinyModel}
     config_file = Path(__file__).with_name("tiny.yaml")
     datasets = (Dataset("tiny-sides", FOLDER, demo_writer=f"{__name__}:write"),)
     demo_steps = (DemoStep("tiny", "tiny", ("train.epochs=1",)),)
 
-    def index(self, root: str, split: str, cfg: Config) -> pd.DataFrame:
-        path = Path(root) / FOLDER / f"{split}.npz"
+    def index(self, split: str, cfg: Config) -> pd.DataFrame:
+        path = Path(cfg.data.root) / FOLDER / f"{split}.npz"
         if not path.is_file():
             raise DataFormatError(str(path), "missing (raycv data make-demo --only tiny-sides writes it)")
         with np.load(path) as data:
@@ -66,7 +74,7 @@ class TinyTask(Task):
         return {"image": np.ascontiguousarray(images), "label": batch["label"]}
 
     def build_model(self, cfg: Config) -> nn.Module:
-        width = cfg["model"]["width"]
+        width = cfg.model.width
         return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((1, 2)),
                              nn.Flatten(), nn.Linear(2 * width, 2))
 
