@@ -116,16 +116,16 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from pipelines import datasets
+    from pipelines import data_commands
 
     if args.data_command == "make-demo":
-        datasets.make_demo_at(args.root, seed=args.seed, only=args.only)
+        data_commands.make_demo_at(args.root, seed=args.seed, only=args.only)
     elif args.data_command == "download":
-        path = datasets.download(args.name, args.root)
+        path = data_commands.download(args.name, args.root)
         print(f"{args.name}: ready at {path}")
     elif args.data_command == "check":
         cfg = load_config(args.task, overrides=[f"data.root={args.root}"])
-        return datasets.check(cfg)
+        return data_commands.check(cfg)
     return 0
 
 

@@ -18,7 +18,7 @@ from cvtasks.catalog import DemoStep
 from cvtasks.settings import TaskConfig
 from cvtasks.tasks import task_class, task_names
 from pipelines.config import load_config
-from pipelines.datasets import make_demo
+from pipelines.data_commands import make_demo
 from pipelines.report import format_table, ui_command
 from pipelines.runners import DemoRow, runner_for
 from pipelines.tracking import run_url

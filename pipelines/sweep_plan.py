@@ -29,7 +29,7 @@ class SweepPlan:
     max_t: int  # reports of a trial that runs to the end: ASHA's budget
     register_model: bool  # whether trials log a model for the Model Registry
     #: extra artifacts on the parent run: (client, parent_run_id, trial rows, searched config paths)
-    summarize: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
+    log_extras: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
     #: the ``scaling`` config of the Train workers each trial starts outside ``resources`` (Tune does not see them)
     train_scaling: ScalingSection | None = None
     #: (config, tracking URI) -> keyword arguments resolved once on the driver for every trial (tune.with_parameters)

@@ -217,7 +217,7 @@ def run_sweep(
     except BaseException:
         client.set_terminated(parent_run_id, status="FAILED")
         raise
-    outcome = _summarize_sweep(client, plan, parent_run_id, experiment_path, results, space)
+    outcome = _record_trials(client, plan, parent_run_id, experiment_path, results, space)
     return _finish_sweep(client, outcome, started)
 
 
@@ -234,7 +234,7 @@ def _finish_sweep(client: MlflowClient, outcome: SweepOutcome, started: float) -
     return outcome
 
 
-def _summarize_sweep(client: MlflowClient, plan: SweepPlan, parent_run_id: str, experiment_path: str,
+def _record_trials(client: MlflowClient, plan: SweepPlan, parent_run_id: str, experiment_path: str,
                      results: Any, space: dict[str, Any]) -> SweepOutcome:
     """Log the sweep's table, plots and best config on the parent run; register the best trial's model."""
     metric = plan.metric
@@ -265,8 +265,8 @@ def _summarize_sweep(client: MlflowClient, plan: SweepPlan, parent_run_id: str, 
         tracking.set_tags(client, parent_run_id, {"raycv.best_run_id": str(best["run_id"])})
         client.log_image(parent_run_id, _metric_vs_params(trials, metric, list(space)),
                          artifact_file="plots/metric_vs_hyperparameters.png")
-    if plan.summarize is not None:
-        plan.summarize(client, parent_run_id, trials, list(space))
+    if plan.log_extras is not None:
+        plan.log_extras(client, parent_run_id, trials, list(space))
     version = None
     if best is not None and best["run_id"] and plan.register_model:
         task = client.get_run(parent_run_id).data.tags["raycv.task"]

@@ -70,7 +70,7 @@ def mlflow_server(s3_server, tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The demo datasets, written once per session (small sizes where the writers allow)."""
-    from pipelines.datasets import make_demo
+    from pipelines.data_commands import make_demo
 
     root = tmp_path_factory.mktemp("demo-data")
     make_demo(root, seed=0)

@@ -4,7 +4,7 @@ import filecmp
 from pathlib import Path
 
 from pipelines.config import load_config
-from pipelines.datasets import DEMO_MARKER, make_demo
+from pipelines.data_commands import DEMO_MARKER, make_demo
 from pipelines.demo import _resolve, demo_steps
 
 

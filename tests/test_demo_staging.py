@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cvtasks.tasks import task_class
-from pipelines.datasets import DEMO_MARKER, make_demo
+from pipelines.data_commands import DEMO_MARKER, make_demo
 
 FOLDER = "fake-dataset"
 FILES = 3

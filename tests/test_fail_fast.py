@@ -187,7 +187,7 @@ def test_cli_resume_with_nothing_to_resume_is_one_line(tmp_path, capsys, ray_con
 
 @dataclass
 class _Result:
-    """What `_summarize_sweep` reads of a Tune result."""
+    """What `_record_trials` reads of a Tune result."""
 
     trial_id: str
     error: BaseException | None
@@ -199,18 +199,18 @@ class _Result:
         return {"trial_id": self.trial_id, **({} if math.isnan(self.value) else {"val_acc": self.value})}
 
 
-def _summarize(tmp_path, results):
+def _record(tmp_path, results):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = tracking.create_run(client, "hotdog", load_config("hotdog"), tags={"raycv.kind": "sweep"})
     plan = tune.SweepPlan(trainable=lambda c: None, resources={}, metric="val_acc", mode="max", max_t=2,
                           register_model=False)
-    outcome = tune._summarize_sweep(client, plan, parent, "/x", results, {"optim.lr": None})
+    outcome = tune._record_trials(client, plan, parent, "/x", results, {"optim.lr": None})
     return client, parent, outcome
 
 
 def test_sweep_records_which_trials_failed_and_why(tmp_path):
     bad = RayTaskError("sweep_trial", "Traceback\n...", failures.DeterministicError("/d/3.png: not an image"))
-    client, parent, outcome = _summarize(tmp_path, [
+    client, parent, outcome = _record(tmp_path, [
         _Result("t1", None, 0.7), _Result("t2", bad.as_instanceof_cause()), _Result("t3", RuntimeError("OOM\nkilled")),
     ])
     assert outcome.failed == {"t2": "/d/3.png: not an image", "t3": "RuntimeError: OOM"}
@@ -222,11 +222,11 @@ def test_sweep_records_which_trials_failed_and_why(tmp_path):
 
 
 def test_sweep_where_every_trial_failed_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(tune, "_summarize_sweep", lambda *a: tune.SweepOutcome(
+    monkeypatch.setattr(tune, "_record_trials", lambda *a: tune.SweepOutcome(
         parent_run_id=a[2], experiment_path="/x", best_config={}, best_metric=math.nan, best_run_id=None,
         registered_version=None, trials=[{"trial": "t1"}, {"trial": "t2"}], wall_seconds=0.0, metric="val_acc",
         failed={"t1": "/d/3.png: not an image", "t2": "/d/3.png: not an image"}))
-    client, parent, outcome = _summarize(tmp_path, [])
+    client, parent, outcome = _record(tmp_path, [])
     # run_sweep's ending, after Tune: the parent run FAILED and one line naming the first trial's error
     with pytest.raises(failures.RunError, match=r"every trial of the sweep failed \(2\); the first, t1: /d/3.png"):
         tune._finish_sweep(client, outcome, time.perf_counter())

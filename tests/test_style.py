@@ -253,7 +253,7 @@ def test_sweep_plan_comes_from_the_runner_the_task_declares():
     plan = runner_for("style").sweep_plan(cfg)
     assert plan.trainable is style_trial and (plan.metric, plan.mode) == ("ref_loss", "min")
     assert plan.max_t == 3 and plan.resources == {"CPU": 2.0} and not plan.register_model
-    assert plan.summarize is not None
+    assert plan.log_extras is not None
     train_plan = runner_for("cifar10").sweep_plan(load_config("cifar10"))  # Ray Train tasks keep their path
     assert train_plan.trainable is sweep_trial and train_plan.mode == "max" and train_plan.register_model
 

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cvtasks import tasks as registry
-from pipelines import datasets
+from pipelines import data_commands
 from pipelines.config import load_config
 from pipelines.demo import demo_steps
 from pipelines.predict import predict
@@ -29,7 +29,7 @@ def tiny(monkeypatch):
 
 @pytest.fixture
 def tiny_root(tiny, tmp_path):
-    written = datasets.make_demo(tmp_path, only=["tiny-sides"])  # its demo writer, found through the registry
+    written = data_commands.make_demo(tmp_path, only=["tiny-sides"])  # its demo writer, found through the registry
     assert written == {"tiny-sides": tmp_path / FOLDER}
     return tmp_path
 
@@ -39,8 +39,8 @@ def test_the_registry_derives_everything_from_the_declaration(tiny, tiny_root, c
     assert cfg.task == tiny and cfg.model.width == 8 and cfg.scaling.workers == 1
     assert [s.name for s in demo_steps() if s.task == tiny] == ["tiny"]
     assert type(runner_for(tiny)).__name__ == "TrainRunner"
-    assert tiny in registry.task_names() and "tiny-sides" in datasets.demo_datasets()
-    assert datasets.check(cfg) == 0
+    assert tiny in registry.task_names() and "tiny-sides" in data_commands.demo_datasets()
+    assert data_commands.check(cfg) == 0
     assert "train: 256 samples | per class:" in capsys.readouterr().out
 
 

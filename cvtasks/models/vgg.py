@@ -31,7 +31,7 @@ from torchvision.models import VGG19_Weights
 
 from cvtasks import storage
 from cvtasks.errors import DataFormatError
-from cvtasks.models.weights import StateDict, imagenet_cache_file, load_state_dict_file
+from cvtasks.models.weights import StateDict, imagenet_cache_file, load_backbone_state, load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +151,8 @@ def load_feature_state(layers: nn.Sequential, state_dict: StateDict, source: str
     Keys beyond the truncation (deeper convs, the classifier) are ignored; a missing key or another shape raises
     ``ValueError`` naming ``source``.
     """
-    wanted = layers.state_dict()
-    prefix = next((p for p in KEY_PREFIXES if all(p + k in state_dict for k in wanted)), None)
-    if prefix is None:
-        missing = sorted(k for k in wanted if k not in state_dict)
-        raise ValueError(f"{source}: not VGG-19 feature weights; {len(missing)} keys missing, e.g. {missing[:3]}")
-    selected = {k: state_dict[prefix + k] for k in wanted}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(wanted[k].shape)}" for k, v in selected.items()
-             if v.shape != wanted[k].shape]
-    if wrong:
-        raise ValueError(f"{source}: weights have other shapes than VGG-19's features, e.g. {wrong[:3]}")
-    layers.load_state_dict(selected)
+    load_backbone_state(layers, state_dict, source, skip_prefix=None, prefixes=KEY_PREFIXES,
+                        what="VGG-19's features")
 
 
 def resolve_vgg_weights(spec: str = AUTO) -> tuple[StateDict | None, str]:

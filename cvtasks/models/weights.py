@@ -122,23 +122,24 @@ def load_tensor_file(path: str, kind: str, hint: str) -> Any:
 
 
 def load_backbone_state(backbone: nn.Module, state_dict: StateDict, source: str,
-                        skip_prefix: str = RESNET_HEAD_PREFIX) -> None:
+                        skip_prefix: str | None = RESNET_HEAD_PREFIX, prefixes: tuple[str, ...] = KEY_PREFIXES,
+                        what: str = "the backbone") -> None:
     """Copy ``state_dict`` into every parameter and buffer of ``backbone`` except those under ``skip_prefix``.
 
-    The source keys may carry one of ``KEY_PREFIXES``; keys the backbone lacks (a classifier head, an FCN's
-    upsampling layers) are ignored. A backbone key missing from the source or with another shape raises
-    ``ValueError`` naming ``source``.
+    The source keys may carry one of ``prefixes``; keys the backbone lacks (a classifier head, an FCN's upsampling
+    layers, the deeper layers of a truncated VGG) are ignored. A backbone key missing from the source or with
+    another shape raises ``ValueError`` naming ``source`` and ``what`` the weights were for.
     """
-    wanted = {k: v for k, v in backbone.state_dict().items() if not k.startswith(skip_prefix)}
-    prefix = next((p for p in KEY_PREFIXES if all(p + k in state_dict for k in wanted)), None)
+    wanted = {k: v for k, v in backbone.state_dict().items() if not (skip_prefix and k.startswith(skip_prefix))}
+    prefix = next((p for p in prefixes if all(p + k in state_dict for k in wanted)), None)
     if prefix is None:
         missing = sorted(k for k in wanted if k not in state_dict)
-        raise ValueError(f"{source}: weights do not fit the backbone; {len(missing)} keys missing, e.g. {missing[:3]}")
+        raise ValueError(f"{source}: weights do not fit {what}; {len(missing)} keys missing, e.g. {missing[:3]}")
     selected = {k: state_dict[prefix + k] for k in wanted}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(wanted[k].shape)}" for k, v in selected.items()
              if v.shape != wanted[k].shape]
     if wrong:
-        raise ValueError(f"{source}: weights have other shapes than the backbone, e.g. {wrong[:3]}")
+        raise ValueError(f"{source}: weights have other shapes than {what}, e.g. {wrong[:3]}")
     backbone.load_state_dict(selected, strict=False)
 
 
