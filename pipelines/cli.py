@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed of the synthetic pictures")
     demo.add_argument("--only", action="append", help="only these datasets (repeatable), e.g. --only cifar10")
     download = data_sub.add_parser("download", help="download a real dataset (needs internet)")
-    download.add_argument("name", help="the task whose dataset to fetch: cifar10, hotdog, banana or voc")
+    download.add_argument("name", help="a dataset a task declares (its name or alias, e.g. the task's name; an "
+                                       "unknown name lists them)")
     download.add_argument("--root", default="data/real", help="where to put it (local path or s3:// URI)")
     check = data_sub.add_parser("check", help="count samples per split/class and find bad files")
     check.add_argument("task", choices=task_names(), help="the task whose dataset to check")

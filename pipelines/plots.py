@@ -38,3 +38,21 @@ def learning_curves(history: list[dict[str, float]]) -> Image.Image:
     image = figure_png(fig)
     plt.close(fig)
     return image
+
+
+def metric_vs_params(trials: list[dict[str, Any]], metric: str, params: list[str]) -> Image.Image:
+    """A sweep's trials: ``metric`` against each searched hyperparameter (log axis where it spans > 20x)."""
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        xs = [t[param] for t in trials]
+        ys = [t[metric] for t in trials]
+        numeric = all(isinstance(x, (int, float)) for x in xs)
+        ax.scatter(xs if numeric else [str(x) for x in xs], ys)
+        if numeric and all(x > 0 for x in xs) and max(xs) / max(min(xs), 1e-12) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(param)
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    image = figure_png(fig)
+    plt.close(fig)
+    return image

@@ -16,32 +16,28 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import matplotlib
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ray  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # noqa: E402
-
-from cvtasks import storage as storage_paths  # noqa: E402
-from cvtasks.settings import ScalingSection, TaskConfig  # noqa: E402
-from cvtasks.tasks import get_task  # noqa: E402
-from pipelines import failures, logs, plots, tracking  # noqa: E402
-from pipelines.config import ConfigError, get_path  # noqa: E402
-from pipelines.handoff import ResolvedWeights  # noqa: E402
-from pipelines.runners import runner_for  # noqa: E402
-from pipelines.sweep_plan import SweepPlan, trial_config  # noqa: E402
-from pipelines.train import (  # noqa: E402
+from cvtasks import storage as storage_paths
+from cvtasks.settings import ScalingSection, TaskConfig
+from cvtasks.tasks import get_task
+from pipelines import failures, logs, plots, tracking
+from pipelines.config import ConfigError, get_path
+from pipelines.handoff import ResolvedWeights
+from pipelines.runners import runner_for
+from pipelines.sweep_plan import SweepPlan, trial_config
+from pipelines.train import (
     cpus_for_training,
     default_storage,
     run_training,
     with_absolute_data_root,
     worker_cpus,
 )
-from pipelines.weights import put_weights  # noqa: E402
+from pipelines.weights import put_weights
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +259,7 @@ def _record_trials(client: MlflowClient, plan: SweepPlan, parent_run_id: str, ex
         client.log_dict(parent_run_id, best_config, "best_config.yaml")
         client.log_metric(parent_run_id, f"best_{metric}", best[metric])
         tracking.set_tags(client, parent_run_id, {"raycv.best_run_id": str(best["run_id"])})
-        client.log_image(parent_run_id, _metric_vs_params(trials, metric, list(space)),
+        client.log_image(parent_run_id, plots.metric_vs_params(trials, metric, list(space)),
                          artifact_file="plots/metric_vs_hyperparameters.png")
     if plan.log_extras is not None:
         plan.log_extras(client, parent_run_id, trials, list(space))
@@ -322,20 +318,3 @@ def _csv(rows: list[dict[str, Any]]) -> str:
         writer.writeheader()
         writer.writerows(rows)
     return buf.getvalue()
-
-
-def _metric_vs_params(trials: list[dict[str, Any]], metric: str, params: list[str]) -> Any:
-    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3), squeeze=False)
-    for ax, param in zip(axes[0], params):
-        xs = [t[param] for t in trials]
-        ys = [t[metric] for t in trials]
-        numeric = all(isinstance(x, (int, float)) for x in xs)
-        ax.scatter(xs if numeric else [str(x) for x in xs], ys)
-        if numeric and all(x > 0 for x in xs) and max(xs) / max(min(xs), 1e-12) > 20:
-            ax.set_xscale("log")
-        ax.set_xlabel(param)
-        ax.set_ylabel(metric)
-    fig.tight_layout()
-    image = plots.figure_png(fig)
-    plt.close(fig)
-    return image
