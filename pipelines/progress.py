@@ -1,7 +1,8 @@
-"""Rank 0's progress bar for each epoch, drawn on the driver's console by Ray's distributed tqdm.
+"""Progress bars drawn on the driver's console by Ray's distributed tqdm: rank 0's bar for each training epoch, and
+one per content/style pair of ``raycv stylize``.
 
-A Ray Train worker's output reaches the driver as log lines; ``ray.experimental.tqdm_ray`` sends the bar's state
-that way and the driver draws it with tqdm, so a run shows one live bar per epoch rather than a line per step.
+A Ray worker's output reaches the driver as log lines; ``ray.experimental.tqdm_ray`` sends the bar's state that way
+and the driver draws it with tqdm, so a run shows one live bar rather than a line per step.
 """
 
 from __future__ import annotations
@@ -21,24 +22,31 @@ def steps_per_epoch(rows: int, workers: int, batch_size: int) -> int:
     return max(1, math.ceil(rows / max(workers, 1) / max(batch_size, 1)))
 
 
-class EpochProgress:
-    """Steps done and left (with tqdm's ETA), examples/sec and the latest loss of one training epoch."""
+class StepProgress:
+    """Steps done and left (with tqdm's ETA), the latest loss and, where steps see examples, examples/sec."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int) -> None:
-        self.label = f"epoch {epoch + 1}/{epochs}"
-        self.bar = tqdm_ray.tqdm(desc=self.label, total=steps, unit="step")
+    def __init__(self, label: str, steps: int) -> None:
+        self.label = label
+        self.bar = tqdm_ray.tqdm(desc=label, total=steps, unit="step")
         self.started = time.perf_counter()
         self.refreshed = self.started
         self.examples = 0
 
-    def step(self, examples: int, loss: torch.Tensor) -> None:
+    def step(self, examples: int, loss: torch.Tensor | float) -> None:
         self.examples += examples
         self.bar.update(1)
         now = time.perf_counter()
         if now - self.refreshed >= REFRESH_SECONDS:
             self.refreshed = now
-            rate = self.examples / max(now - self.started, 1e-9)
-            self.bar.set_description(f"{self.label} loss {float(loss):.4g} {rate:.0f} ex/s")
+            rate = f" {self.examples / max(now - self.started, 1e-9):.0f} ex/s" if self.examples else ""
+            self.bar.set_description(f"{self.label} loss {float(loss):.4g}{rate}")
 
     def close(self) -> None:
         self.bar.close()
+
+
+class EpochProgress(StepProgress):
+    """One training epoch's bar: ``epoch 2/5 loss 0.8123 412 ex/s``."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int) -> None:
+        super().__init__(f"epoch {epoch + 1}/{epochs}", steps)

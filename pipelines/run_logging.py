@@ -7,6 +7,7 @@ import contextlib
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -17,6 +18,9 @@ from pipelines import tracking
 from pipelines.plots import learning_curves
 
 log = logging.getLogger(__name__)
+
+#: Validation inputs in the logged model's input example (one: a 224 px image is already ~1.5 MB of JSON).
+EXAMPLE_ROWS = 1
 
 #: MLflow tag: how often the worker group started for the run: above 1 after a restart (failure, --resume).
 ATTEMPTS_TAG = "raycv.attempts"
@@ -93,4 +97,17 @@ class RunLogger:
             tracking.log_artifact_value(client, self.run_id, name, value)
         # Tensors only (never a pickled model): predict and model.weights rebuild it with the task's build_model.
         class_names = task.class_names(cfg) if isinstance(task, ClassificationTask) else None
-        tracking.log_model_state(client, self.run_id, model.state_dict(), class_names)
+        example, output = model_example(model, task, val_batch)
+        tracking.log_model_state(client, self.run_id, model.state_dict(), class_names, example, output)
+
+
+def model_example(model: nn.Module, task: Task, batch: TensorBatch | None,
+                  rows: int = EXAMPLE_ROWS) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(a few model inputs of ``batch``, the model's output for them where it is one tensor) for the model's MLflow
+    signature and input example; (None, None) without a batch."""
+    if batch is None:
+        return None, None
+    inputs = batch[task.tensor_keys[0]][:rows]
+    with torch.no_grad():
+        output = model(inputs)
+    return inputs.cpu().numpy(), output.float().cpu().numpy() if isinstance(output, torch.Tensor) else None

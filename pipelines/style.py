@@ -49,6 +49,7 @@ from cvtasks.style import (
 )
 from pipelines import tracking
 from pipelines.config import ConfigError
+from pipelines.progress import StepProgress
 from pipelines.report import format_table, ui_command
 from pipelines.sweep_plan import SweepPlan, trial_config
 
@@ -128,10 +129,10 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> No
 
 def tracked_stylize(client: MlflowClient, run_id: str, cfg: TaskConfig, content_img: Image.Image,
                     style_img: Image.Image, device: str | torch.device = "cpu", extractor: VGGFeatures | None = None,
-                    ) -> Iterator[tuple[dict[str, float], Image.Image]]:
+                    bar: StepProgress | None = None) -> Iterator[tuple[dict[str, float], Image.Image]]:
     """Stylise and log into MLflow run ``run_id``; yields (metrics with ``step``, image) every ``style.log_every``
     steps and at the last, after they are logged (metrics of every step are logged in batches). ``extractor``
-    defaults to the one ``style.weights`` names, built here."""
+    defaults to the one ``style.weights`` names, built here; ``bar`` advances every step."""
     style_cfg = StyleConfig.from_config(cfg)
     if extractor is None:
         extractor = seeded_extractor(style_cfg)
@@ -149,6 +150,8 @@ def tracked_stylize(client: MlflowClient, run_id: str, cfg: TaskConfig, content_
         metrics = step_metrics(result, style_cfg, first_style)
         now = int(time.time() * 1000)
         pending += [Metric(key, float(value), now, result.step) for key, value in metrics.items()]
+        if bar is not None:
+            bar.step(0, result.losses["total"])
         if result.image is None:
             continue
         _log_metrics(client, run_id, pending)
@@ -195,11 +198,17 @@ class PairOutcome:
 @ray.remote
 def _stylize_task(cfg: TaskConfig, extractor: VGGFeatures, content_img: Image.Image, style_img: Image.Image,
                   tracking_uri: str, run_id: str) -> tuple[dict[str, float], Image.Image]:
-    """One pair in a Ray worker, with the extractor the driver built: (last metrics, final image)."""
+    """One pair in a Ray worker, with the extractor the driver built and a progress bar on the driver's console:
+    (last metrics, final image)."""
     client = MlflowClient(tracking_uri)
     started = time.perf_counter()
-    progress = tracked_stylize(client, run_id, cfg, content_img, style_img, _device(cfg), extractor)
-    metrics, image = deque(progress, maxlen=1)[0]  # run to the end, keep the last
+    [(content, style)] = configured_pairs(cfg)
+    bar = StepProgress(pair_name(content, style), cfg.style.steps)
+    try:
+        progress = tracked_stylize(client, run_id, cfg, content_img, style_img, _device(cfg), extractor, bar)
+        metrics, image = deque(progress, maxlen=1)[0]  # run to the end, keep the last
+    finally:
+        bar.close()
     client.log_metric(run_id, "wall_seconds", time.perf_counter() - started)
     return metrics, image
 

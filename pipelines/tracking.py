@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.models import Model, infer_signature
+from mlflow.models.utils import _save_example  # MLflow's own input-example writer (log_model uses it)
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -230,17 +233,32 @@ def find_sweep_run(client: MlflowClient, task: str, sweep_path: str) -> str | No
 
 
 def log_model_state(client: MlflowClient, run_id: str, state_dict: dict[str, torch.Tensor],
-                    class_names: list[str] | None) -> None:
+                    class_names: list[str] | None, example: np.ndarray | None = None,
+                    output: np.ndarray | None = None) -> None:
     """Log a trained model as tensors only: ``model/state_dict.pt`` (``torch.save`` of the state dict) and, for
     classifiers, ``model/class_names.json``; with the run's ``config.yaml`` the task's ``build_model`` rebuilds it
-    on any machine, without its training data."""
+    on any machine, without its training data.
+
+    With an ``example`` model input (and the model's ``output`` for it, where that is one array) the folder also
+    gets an ``MLmodel`` file holding MLflow's signature of the model's tensors and the input example, which the
+    MLflow UI shows with the model. It declares no flavor: nothing loads a pickled model from it.
+    """
     with tempfile.TemporaryDirectory(prefix="raycv-model-") as directory:
         folder = Path(directory) / MODEL_DIR
         folder.mkdir()
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, folder / STATE_DICT_FILE)
         if class_names is not None:
             (folder / CLASS_NAMES_FILE).write_text(json.dumps(class_names))
+        if example is not None:
+            _write_mlmodel(folder, run_id, example, output)
         client.log_artifacts(run_id, str(folder), MODEL_DIR)
+
+
+def _write_mlmodel(folder: Path, run_id: str, example: np.ndarray, output: np.ndarray | None) -> None:
+    model = Model(artifact_path=MODEL_DIR, run_id=run_id, signature=infer_signature(example, output),
+                  metadata={"raycv": "tensor-only state_dict.pt; rebuild with the task's build_model (raycv predict)"})
+    _save_example(model, example, str(folder))
+    model.save(str(folder / "MLmodel"))
 
 
 def model_run_id(client: MlflowClient, model_uri: str) -> str:

@@ -4,8 +4,12 @@ or pipelines knows it."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -54,6 +58,13 @@ def test_a_test_defined_task_trains_on_the_cluster_and_predicts(tiny, tiny_root,
     run = client.get_run(outcome.run_id)
     assert run.data.tags["raycv.task"] == tiny and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(outcome.run_id, "val_acc")] == list(range(EPOCHS))
+    mlmodel = yaml.safe_load(Path(client.download_artifacts(outcome.run_id, "model/MLmodel", str(tmp_path)))
+                             .read_text())
+    assert "flavors" not in mlmodel or not mlmodel["flavors"]  # a signature and an example, nothing to unpickle
+    [inputs] = json.loads(mlmodel["signature"]["inputs"])
+    [outputs] = json.loads(mlmodel["signature"]["outputs"])
+    assert inputs["tensor-spec"]["shape"] == [-1, 1, SIZE, SIZE] and outputs["tensor-spec"]["shape"] == [-1, 2]
+    assert mlmodel["saved_input_example_info"]["artifact_path"] == "input_example.json"
 
     image = np.full((SIZE, SIZE), 20, np.uint8)
     image[5:10, 11:16] = 230  # the square on the right
