@@ -275,7 +275,7 @@ def check_raycv_command(args: argparse.Namespace) -> None:
         cfg = resolved_config(args)  # --config, then --set, then the shorthand flags: as raycv train/tune do
         check_values(cfg)
         if args.command == "tune" and not args.resume:
-            assert cfg.get("search"), f"{args.task} has no search: space to sweep"
+            assert cfg.raw.get("search"), f"{args.task} has no search: space to sweep"
     elif args.command == "stylize":
         from pipelines.runners import tasks_run_by
 
@@ -294,7 +294,7 @@ def check_raycv_command(args: argparse.Namespace) -> None:
     elif args.command == "data" and args.data_command == "download":
         source_named(args.name)
     elif args.command in ("data", "demo") and args.only:
-        from pipelines.datasets import _chosen
+        from pipelines.data_commands import _chosen
 
         _chosen(args.only)
     config = getattr(args, "config", None)
