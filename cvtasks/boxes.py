@@ -3,8 +3,9 @@
 Conventions, as in torchvision.ops: a box is the last dimension (size 4) of a float tensor, either in corner format
 (x1, y1, x2, y2) or in center format (cx, cy, w, h), with x divided by the image width and y by the image height
 (coordinates in [0, 1]; anchors near the border may reach a little outside). Functions keep the device and dtype of
-their inputs, and none of them loops in Python over anchors or images: multibox_target loops over ground-truth boxes
-(few); multibox_detection's NMS is torchvision.ops.batched_nms, one call for the batch.
+their inputs, and none of them loops in Python over anchors: multibox_target computes IoUs over chunks of images (to
+stay in the CPU's cache) and loops over ground-truth boxes only in the rare images where two boxes share a best anchor;
+multibox_detection's NMS is torchvision.ops.batched_nms, one call for the batch.
 """
 
 from __future__ import annotations
@@ -105,45 +106,52 @@ def multibox_prior(data: Tensor, sizes: Sequence[float], ratios: Sequence[float]
     return anchors.reshape(1, -1, 4)
 
 
-def _box_iou_by_box(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
-    """box_iou(gt_boxes, anchors) as Tensor[B, G, A] (anchors innermost), written into two buffers by in-place
-    operations (every fresh [B, G, A] tensor costs about as much as an operation); bit for bit box_iou's values:
-    the same operations on the same numbers, and IoU is symmetric in floating point too.
-
-    Args:
-        gt_boxes (Tensor[B, G, 4]), anchors (Tensor[A, 4]): (x1, y1, x2, y2).
-    """
-    gx1, gy1, gx2, gy2 = gt_boxes[..., None].unbind(dim=-2)  # each [B, G, 1]
-    ax1, ay1, ax2, ay2 = anchors.t().contiguous()  # each [A], contiguous: vectorised (4x faster than strided)
-    shape = (*gt_boxes.shape[:-1], anchors.shape[0])
-    dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
-    inter = torch.empty(shape, dtype=dtype, device=anchors.device)
-    work = torch.empty_like(inter)
-    torch.minimum(gx2, ax2, out=inter).sub_(torch.maximum(gx1, ax1, out=work)).clamp_(min=0)  # intersection width
-    torch.minimum(gy2, ay2, out=work).sub_(torch.maximum(gy1, ay1)).clamp_(min=0)  # its height
-    inter.mul_(work)
-    anchor_area = (ax2 - ax1) * (ay2 - ay1)  # box_area(anchors)
-    union = torch.add(anchor_area, box_area(gt_boxes)[..., None], out=work).sub_(inter)
-    return inter.div_(union)
+_CHUNK_ELEMENTS = 1 << 17  # IoUs per chunk of images in _match_pairs' pass (two such buffers stay in cache)
+_ARGMAX_BLOCK = 64  # anchors per block of _match_pairs' first-argmax search
 
 
-def _first_argmax(values: Tensor, block: int = 64) -> Tensor:
-    """values.argmax(dim=-1) (the first index of each row's maximum) for Tensor[..., N] whose last dimension is
-    contiguous, about 5x faster on CPU for long rows: amax over blocks of `block` elements (a vectorised reduction,
-    unlike argmax), argmax over the block maxima (the first block holding the row's maximum holds its first
-    occurrence), then argmax within that block.
-    """
-    length = values.shape[-1]
-    whole = length // block
-    if whole < 2:
-        return values.argmax(dim=-1)
-    block_max = values[..., : whole * block].unflatten(-1, (whole, block)).amax(dim=-1)  # [..., whole]
-    if length > whole * block:
-        block_max = torch.cat((block_max, values[..., whole * block :].amax(dim=-1, keepdim=True)), dim=-1)
-    offsets = torch.arange(block, device=values.device)
-    # The last block may be short: its indices are clamped to the last element, which repeats after its own index.
-    index = (block_max.argmax(dim=-1, keepdim=True) * block + offsets).clamp_(max=length - 1)  # [..., block]
-    return index.gather(-1, values.gather(-1, index).argmax(dim=-1, keepdim=True)).squeeze(-1)
+def _paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of boxes1[..., i, :] with boxes2[..., i, :] (shapes broadcast), by box_iou's operations in box_iou's order,
+    so each value is bit for bit box_iou's (IEEE min, max, +, -, *, / are exact or correctly rounded, vectorised or
+    not; IoU is symmetric in floating point too)."""
+    x1_a, y1_a, x2_a, y2_a = boxes1.unbind(dim=-1)
+    x1_b, y1_b, x2_b, y2_b = boxes2.unbind(dim=-1)
+    inter_w = (torch.minimum(x2_a, x2_b) - torch.maximum(x1_a, x1_b)).clamp(min=0)
+    inter_h = (torch.minimum(y2_a, y2_b) - torch.maximum(y1_a, y1_b)).clamp(min=0)
+    inter = inter_w * inter_h
+    return inter / (box_area(boxes1) + box_area(boxes2) - inter)
+
+
+class _IoUPass:
+    """IoU of a chunk of images' ground-truth boxes with every anchor, Tensor[n, G, A], box_iou's values (as
+    _paired_iou), computed in place in three buffers reused from chunk to chunk: on CPU a fresh [B, G, A] tensor
+    per operation costs about as much as the operation (page faults), and chunks of _CHUNK_ELEMENTS stay in cache.
+    The anchors' coordinates are made contiguous first: broadcasting over a column of [A, 4] does not vectorise."""
+
+    def __init__(self, gt_boxes: Tensor, anchors: Tensor, chunk: int, out: Tensor | None = None) -> None:
+        self.gt_boxes = gt_boxes  # [B, G, 4]
+        self.gt_area = box_area(gt_boxes)[..., None]  # [B, G, 1]
+        self.anchor_coords = anchors.t().contiguous()  # [4, A]: contiguous rows vectorise, anchors' columns do not
+        x1, y1, x2, y2 = self.anchor_coords
+        self.anchor_area = (x2 - x1) * (y2 - y1)  # box_area(anchors)
+        shape = (min(chunk, gt_boxes.shape[0]), gt_boxes.shape[1], anchors.shape[0])
+        dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
+        self.out = out  # Tensor[B, G, A] to write the IoUs into, or None: a chunk's buffer, reused
+        self.work = torch.empty(shape, dtype=dtype, device=anchors.device)
+        self.inter = torch.empty_like(self.work) if out is None else None
+        self.spare = torch.empty_like(self.work)
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        count = stop - start
+        gx1, gy1, gx2, gy2 = self.gt_boxes[start:stop, :, None].unbind(dim=-1)  # each [n, G, 1]
+        ax1, ay1, ax2, ay2 = self.anchor_coords  # each [A]
+        inter = self.out[start:stop] if self.inter is None else self.inter[:count]
+        work, spare = self.work[:count], self.spare[:count]
+        torch.minimum(gx2, ax2, out=inter).sub_(torch.maximum(gx1, ax1, out=work)).clamp_(min=0)  # width
+        torch.minimum(gy2, ay2, out=work).sub_(torch.maximum(gy1, ay1, out=spare)).clamp_(min=0)  # height
+        inter.mul_(work)
+        union = torch.add(self.anchor_area, self.gt_area[start:stop], out=work).sub_(inter)
+        return inter.div_(union)
 
 
 def _greedy_match(remaining: Tensor, matches: Tensor) -> None:
@@ -168,7 +176,9 @@ def _greedy_match(remaining: Tensor, matches: Tensor) -> None:
         remaining[images, :, gt] = _DISCARDED_IOU
 
 
-def _match_pairs(ious: Tensor, gt_valid: Tensor, iou_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+def _match_pairs(
+    gt_boxes: Tensor, anchors: Tensor, gt_valid: Tensor, iou_threshold: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Assign ground-truth boxes to anchors in a batch of images (d2l 13.4.3.1), as index triples.
 
     Every anchor whose best IoU is >= iou_threshold takes that box (the first of equal bests); then, num_gt times,
@@ -176,34 +186,66 @@ def _match_pairs(ious: Tensor, gt_valid: Tensor, iou_threshold: float) -> tuple[
     so that every valid box gets at least one anchor. Ties go to the first pair in (anchor, box) order, as
     torch.argmax does on the book's [A, G] matrix.
 
-    The greedy step needs no loop where, in an image, the valid boxes' best anchors (the first argmax of each box's
-    column) are all different: then each round picks some box's best anchor and discards no other box's best, so
-    the rounds assign exactly the pairs (best anchor of box g, g), in any order. Only images where two boxes share a
-    best anchor (or with more boxes than anchors) go through the book's rounds (_greedy_match).
+    The greedy step needs no rounds where, in an image, the valid boxes' best anchors (the first argmax of each
+    box's column) are all different: then each round picks some box's best anchor and discards no other box's best,
+    so the rounds assign exactly the pairs (best anchor of box g, g), in any order. Only images where two boxes
+    share a best anchor (or with more boxes than anchors) go through the book's rounds (_greedy_match).
+
+    One pass over chunks of images computes the IoUs and keeps only their reductions: each anchor's best IoU and,
+    per box, the maximum of each block of _ARGMAX_BLOCK anchors (amax vectorises, argmax does not). The few IoUs
+    needed after it (an anchor's boxes where its best IoU reaches the threshold, the block holding a box's first
+    maximum, the images with colliding best anchors) are computed again, to the same bits (_paired_iou).
 
     Args:
-        ious (Tensor[B, G, A]): IoU of every ground-truth box of each image with every anchor (see _box_iou_by_box);
-            padding columns are overwritten with _DISCARDED_IOU.
+        gt_boxes (Tensor[B, G, 4]), anchors (Tensor[A, 4]): (x1, y1, x2, y2).
         gt_valid (Tensor[B, G]): False for padding rows, which are never assigned.
 
     Returns:
         (images, anchors, boxes): int64 Tensor[P] each, one triple per assigned anchor (each anchor at most once).
     """
-    batch, num_gt, num_anchors = ious.shape
-    device = ious.device
-    if num_gt == 0 or num_anchors == 0:
+    (batch, num_gt, _), num_anchors = gt_boxes.shape, anchors.shape[0]
+    device = anchors.device
+    if num_gt == 0 or num_anchors == 0 or batch == 0:
         nothing = torch.zeros(0, dtype=torch.long, device=device)
         return nothing, nothing, nothing
     padded = not bool(gt_valid.all())
-    if padded:
-        ious.masked_fill_(~gt_valid[..., None], _DISCARDED_IOU)
-    # Threshold step: an anchor's best box is only needed where its IoU reaches the threshold (few anchors).
-    best_iou = ious[:, 0] if num_gt == 1 else ious.amax(dim=1)  # [B, A]
-    images, anchors = (best_iou >= iou_threshold).nonzero(as_tuple=True)
-    boxes = ious[images, :, anchors].argmax(dim=1)  # the first of equal bests, as torch.max
+    padding = ~gt_valid[..., None]  # [B, G, 1]
+
+    def masked(ious: Tensor, image_padding: Tensor) -> Tensor:
+        return ious.masked_fill_(image_padding, _DISCARDED_IOU) if padded else ious
+
+    # The pass: best IoU of each anchor [B, A], maxima of each box's anchor blocks [B, G, blocks].
+    whole_blocks, tail = divmod(num_anchors, _ARGMAX_BLOCK)
+    chunk = max(1, _CHUNK_ELEMENTS // (num_gt * num_anchors)) if device.type == "cpu" else batch
+    dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
+    best_iou = torch.empty((batch, num_anchors), dtype=dtype, device=device)
+    # With one box per image its IoUs are the best ones: the pass writes them there.
+    iou_pass = _IoUPass(gt_boxes, anchors, chunk, out=best_iou[:, None] if num_gt == 1 else None)
+    block_max = torch.empty((batch, num_gt, whole_blocks + (tail > 0)), dtype=dtype, device=device)
+    for start in range(0, batch, chunk):
+        stop = min(start + chunk, batch)
+        ious = masked(iou_pass(start, stop), padding[start:stop])  # [n, G, A]
+        if num_gt > 1:
+            torch.amax(ious, dim=1, out=best_iou[start:stop])
+        if whole_blocks:
+            blocks = ious[..., : whole_blocks * _ARGMAX_BLOCK].unflatten(-1, (whole_blocks, _ARGMAX_BLOCK))
+            torch.amax(blocks, dim=-1, out=block_max[start:stop, :, :whole_blocks])
+        if tail:
+            torch.amax(ious[..., whole_blocks * _ARGMAX_BLOCK :], dim=-1, out=block_max[start:stop, :, -1])
+
+    # Threshold step: an anchor's best box, only where its best IoU reaches the threshold (few anchors).
+    images, anchor_index = (best_iou >= iou_threshold).nonzero(as_tuple=True)
+    hit_ious = masked(_paired_iou(anchors[anchor_index, None], gt_boxes[images]), padding[images, :, 0])  # [P, G]
+    boxes = hit_ious.argmax(dim=1)  # the first of equal bests, as torch.max
+
+    # Each box's first best anchor: the first block holding its maximum holds its first occurrence.
+    block_start = block_max.argmax(dim=-1, keepdim=True) * _ARGMAX_BLOCK  # [B, G, 1]
+    # A short last block is clamped to the last anchor, which then repeats after its own place: still the first.
+    candidates = (block_start + torch.arange(_ARGMAX_BLOCK, device=device)).clamp_(max=num_anchors - 1)
+    candidate_ious = _paired_iou(anchors[candidates], gt_boxes[:, :, None, :])  # [B, G, block]
+    best_anchor = candidates.gather(-1, candidate_ious.argmax(dim=-1, keepdim=True)).squeeze(-1)  # [B, G]
 
     # Greedy step, without rounds in the images where the valid boxes' best anchors differ.
-    best_anchor = _first_argmax(ious)  # [B, G], the first best anchor of each box
     colliding = None
     if num_gt > 1:
         shared = best_anchor[:, :, None] == best_anchor[:, None, :]  # [B, G, G]
@@ -217,26 +259,26 @@ def _match_pairs(ious: Tensor, gt_valid: Tensor, iou_threshold: float) -> tuple[
     greedy_images, greedy_boxes = gt_valid.nonzero(as_tuple=True)
     greedy_anchors = best_anchor[greedy_images, greedy_boxes]
     if colliding is not None:
-        remaining = ious[colliding]  # [C, G, A]
-        sub_best, sub_gt = remaining.max(dim=1)
+        remaining = masked(_paired_iou(anchors[:, None], gt_boxes[colliding, None]), padding[colliding].transpose(1, 2))
+        sub_best, sub_gt = remaining.max(dim=2)  # remaining: [C, A, G], the book's layout
         sub_matches = torch.where(sub_best >= iou_threshold, sub_gt, UNASSIGNED)  # the threshold step again
-        _greedy_match(remaining.transpose(1, 2).contiguous(), sub_matches)
+        _greedy_match(remaining, sub_matches)
         local, sub_anchors = (sub_matches != UNASSIGNED).nonzero(as_tuple=True)
         greedy_images = torch.cat((greedy_images, colliding[local]))
         greedy_anchors = torch.cat((greedy_anchors, sub_anchors))
         greedy_boxes = torch.cat((greedy_boxes, sub_matches[local, sub_anchors]))
     # The greedy step's pairs replace the threshold step's for the same anchor.
-    kept = ~torch.isin(images * num_anchors + anchors, greedy_images * num_anchors + greedy_anchors)
-    return (torch.cat((images[kept], greedy_images)), torch.cat((anchors[kept], greedy_anchors)),
+    kept = ~torch.isin(images * num_anchors + anchor_index, greedy_images * num_anchors + greedy_anchors)
+    return (torch.cat((images[kept], greedy_images)), torch.cat((anchor_index[kept], greedy_anchors)),
             torch.cat((boxes[kept], greedy_boxes)))  # fmt: skip
 
 
-def _match_anchors(ious: Tensor, gt_valid: Tensor, iou_threshold: float) -> Tensor:
+def _match_anchors(gt_boxes: Tensor, anchors: Tensor, gt_valid: Tensor, iou_threshold: float) -> Tensor:
     """_match_pairs as a map: Tensor[B, A] int64 index of each anchor's box, or UNASSIGNED."""
-    batch, _, num_anchors = ious.shape
-    matches = torch.full((batch, num_anchors), UNASSIGNED, dtype=torch.long, device=ious.device)
-    images, anchors, boxes = _match_pairs(ious, gt_valid, iou_threshold)
-    matches[images, anchors] = boxes
+    batch, num_anchors = gt_boxes.shape[0], anchors.shape[0]
+    matches = torch.full((batch, num_anchors), UNASSIGNED, dtype=torch.long, device=anchors.device)
+    images, anchor_index, boxes = _match_pairs(gt_boxes, anchors, gt_valid, iou_threshold)
+    matches[images, anchor_index] = boxes
     return matches
 
 
@@ -252,9 +294,8 @@ def assign_anchor_to_bbox(
     Returns:
         Tensor[A] anchors_bbox_map: int64 index into ground_truth, or UNASSIGNED (-1).
     """
-    ious = _box_iou_by_box(ground_truth[None], anchors)  # [1, G, A]
-    gt_valid = torch.ones((1, ground_truth.shape[0]), dtype=torch.bool, device=ious.device)
-    return _match_anchors(ious, gt_valid, iou_threshold)[0].to(device)
+    gt_valid = torch.ones((1, ground_truth.shape[0]), dtype=torch.bool, device=ground_truth.device)
+    return _match_anchors(ground_truth[None], anchors, gt_valid, iou_threshold)[0].to(device)
 
 
 def offset_boxes(anchors: Tensor, assigned_bb: Tensor, eps: float = OFFSET_LOG_EPS) -> Tensor:
@@ -314,7 +355,7 @@ def multibox_target(
         anchors = anchors.reshape(-1, 4)  # [A, 4]
         (batch, num_gt, _), num_anchors = labels.shape, anchors.shape[0]
         gt_classes, gt_boxes = labels[..., 0], labels[..., 1:]  # [B, G], [B, G, 4]
-        images, anchor_index, boxes = _match_pairs(_box_iou_by_box(gt_boxes, anchors), gt_classes >= 0, iou_threshold)
+        images, anchor_index, boxes = _match_pairs(gt_boxes, anchors, gt_classes >= 0, iou_threshold)
 
         dtype = torch.promote_types(anchors.dtype, labels.dtype)
         offsets = torch.zeros((batch * num_anchors, 4), dtype=dtype, device=anchors.device)
