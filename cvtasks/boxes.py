@@ -106,7 +106,7 @@ def multibox_prior(data: Tensor, sizes: Sequence[float], ratios: Sequence[float]
     return anchors.reshape(1, -1, 4)
 
 
-_CHUNK_ELEMENTS = 1 << 17  # IoUs per chunk of images in _match_pairs' pass (two such buffers stay in cache)
+_CHUNK_ELEMENTS = 1 << 17  # IoUs per chunk of images in _match_pairs' pass (its three buffers stay in cache)
 _ARGMAX_BLOCK = 64  # anchors per block of _match_pairs' first-argmax search
 
 
