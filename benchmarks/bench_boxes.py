@@ -1,14 +1,14 @@
 """Benchmark cvtasks.boxes against its references, side by side in one run:
 
-- multibox_target on a TinySSD batch (32 images x 5,444 anchors, 1 and 8 objects per image) vs the book's own
-  multibox_target: a loop over images calling d2l's assign_anchor_to_bbox (its own loop over ground-truth boxes),
-  re-implemented below from the book with its errata fixed (the iou_threshold argument, integer division);
-  outputs checked equal;
+- multibox_target on a TinySSD batch (32 images x 5,444 anchors at 256 px and 1,364 at 128 px, banana's size;
+  1 and 8 objects per image) vs the book's own multibox_target: a loop over images calling d2l's
+  assign_anchor_to_bbox (its own loop over ground-truth boxes), re-implemented below from the book with its errata
+  fixed (the iou_threshold argument, integer division); outputs checked equal;
 - multibox_detection (one torchvision.ops.batched_nms call for the batch) vs a loop over images calling
   torchvision.ops.nms, on an untrained TinySSD's dense output (every anchor a candidate), and with the 100
   candidates per image that raycv's detection config used to keep (outputs checked equal).
 
-Usage: python benchmarks/bench_boxes.py [--device cpu|cuda] [--repeats 7]
+Usage: python benchmarks/bench_boxes.py [--device cpu|cuda] [--repeats 7] [--threads N] [--only target|detection]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from cvtasks.detection import detect
 
 log = logging.getLogger("bench_boxes")
 
-# TinySSD (d2l 13.7) on a 256 x 256 input: five feature maps, 4 anchors per pixel -> 5,444 anchors.
-TINYSSD_FEATURE_MAPS = (32, 16, 8, 4, 1)  # feature-map side per stage
+# TinySSD (d2l 13.7): five feature maps, 4 anchors per pixel -> 5,444 anchors at 256 x 256, 1,364 at 128 x 128.
+TINYSSD_FEATURE_MAPS = {256: (32, 16, 8, 4, 1), 128: (16, 8, 4, 2, 1)}  # feature-map side per stage, by input size
 TINYSSD_SIZES = ([0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961])  # anchor scales per stage
 TINYSSD_RATIOS = [1, 2, 0.5]  # width/height ratios, shared by all stages
 BATCH_SIZE = 32  # d2l's TinySSD training batch
@@ -51,11 +51,11 @@ UNTRAINED_OFFSET_STD = 0.5  # and its offsets: boxes scattered around their anch
 SEED = 0
 
 
-def tinyssd_anchors(device: torch.device) -> torch.Tensor:
-    """The 5,444 TinySSD anchors, [5444, 4] corners."""
+def tinyssd_anchors(device: torch.device, image_size: int = 256) -> torch.Tensor:
+    """TinySSD's anchors on an image_size input, [A, 4] corners (5,444 at 256 px, 1,364 at 128 px)."""
     stages = [
         multibox_prior(torch.zeros(1, 1, side, side, device=device), sizes, TINYSSD_RATIOS)
-        for side, sizes in zip(TINYSSD_FEATURE_MAPS, TINYSSD_SIZES)
+        for side, sizes in zip(TINYSSD_FEATURE_MAPS[image_size], TINYSSD_SIZES)
     ]
     return torch.cat(stages, dim=1)[0]
 
@@ -168,19 +168,29 @@ def check_same(case: str, ours: tuple[torch.Tensor, ...], reference: tuple[torch
             log.error("%s: outputs differ from the reference", case)
 
 
-def bench_cases(device: torch.device, repeats: int) -> list[tuple[str, float, str, float]]:
-    """Rows (case, our ms, reference name, reference ms)."""
+def target_cases(device: torch.device, repeats: int) -> list[tuple[str, float, str, float]]:
+    """multibox_target's rows (case, our ms, reference name, reference ms)."""
+    generator = torch.Generator().manual_seed(SEED)
+    rows = []
+    for image_size in TINYSSD_FEATURE_MAPS:
+        anchors = tinyssd_anchors(device, image_size)
+        for num_objects in OBJECTS_PER_IMAGE:
+            labels = random_labels(num_objects, generator).to(device)
+            case = f"multibox_target {BATCH_SIZE}x{anchors.shape[0]} anchors, {num_objects} obj/img"
+            check_same(case, multibox_target(anchors, labels), book_multibox_target(anchors, labels))
+            ours = median_ms(lambda anchors=anchors, labels=labels: multibox_target(anchors, labels), repeats, device)
+            reference = median_ms(
+                lambda anchors=anchors, labels=labels: book_multibox_target(anchors, labels), repeats, device
+            )
+            rows.append((case, ours, "d2l multibox_target", reference))
+    return rows
+
+
+def detection_cases(device: torch.device, repeats: int) -> list[tuple[str, float, str, float]]:
+    """multibox_detection's rows, on TinySSD's 5,444 anchors."""
     generator = torch.Generator().manual_seed(SEED)
     anchors = tinyssd_anchors(device)
     rows = []
-    for num_objects in OBJECTS_PER_IMAGE:
-        labels = random_labels(num_objects, generator).to(device)
-        case = f"multibox_target {BATCH_SIZE}x{anchors.shape[0]} anchors, {num_objects} obj/img"
-        check_same(case, multibox_target(anchors, labels), book_multibox_target(anchors, labels))
-        ours = median_ms(lambda labels=labels: multibox_target(anchors, labels), repeats, device)
-        reference = median_ms(lambda labels=labels: book_multibox_target(anchors, labels), repeats, device)
-        rows.append((case, ours, "d2l multibox_target", reference))
-
     logits, offsets = untrained_outputs(anchors.shape[0], generator, device)
     probs = torch.softmax(logits, dim=-1).permute(0, 2, 1)  # [B, C + 1, A]
     case = f"multibox_detection {BATCH_SIZE}x{anchors.shape[0]} untrained boxes"
@@ -199,11 +209,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (the median is reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--only", choices=("target", "detection"), default=None, help="run one group of cases")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
-    rows = bench_cases(device, args.repeats)
+    rows = []
+    if args.only in (None, "target"):
+        rows += target_cases(device, args.repeats)
+    if args.only in (None, "detection"):
+        rows += detection_cases(device, args.repeats)
     log.info("device=%s torch=%s threads=%d, median of %d runs", device, torch.__version__,
              torch.get_num_threads(), args.repeats)  # fmt: skip
     header = f"{'case':<58} {'cvtasks ms':>11} {'reference':>20} {'ref ms':>9} {'ref/ours':>9}"

@@ -241,6 +241,92 @@ def test_multibox_target_matches_the_per_anchor_oracle_on_random_batches(device)
         torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
 
 
+def _book_multibox_target(anchors: torch.Tensor, labels: torch.Tensor, iou_threshold: float = 0.5):
+    """d2l's multibox_target as the book writes it: per image, assign_anchor_to_bbox's loop over ground-truth boxes
+    on the [A, G] IoU matrix (no padding rows)."""
+    anchors = anchors.reshape(-1, 4)
+    offsets, masks, classes = [], [], []
+    for label in labels:
+        jaccard = box_iou(anchors, label[:, 1:])
+        num_gt = jaccard.shape[1]
+        matches = torch.full((anchors.shape[0],), -1, dtype=torch.long)
+        max_ious, indices = torch.max(jaccard, dim=1)
+        matches[max_ious >= iou_threshold] = indices[max_ious >= iou_threshold]
+        for _ in range(num_gt):
+            max_idx = int(torch.argmax(jaccard))
+            matches[max_idx // num_gt] = max_idx % num_gt
+            jaccard[:, max_idx % num_gt] = -1
+            jaccard[max_idx // num_gt, :] = -1
+        positive = matches >= 0
+        assigned = torch.zeros_like(anchors)
+        assigned[positive] = label[matches[positive], 1:]
+        offsets.append((offset_boxes(anchors, assigned) * positive[:, None]).reshape(-1))
+        masks.append(positive[:, None].float().expand(-1, 4).reshape(-1))
+        classes.append(torch.where(positive, label[matches.clamp(min=0), 0].long() + 1, 0))
+    return torch.stack(offsets), torch.stack(masks), torch.stack(classes)
+
+
+def _assert_same_targets(got, expected):
+    assert torch.equal(got[2], expected[2]) and torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
+
+
+def test_multibox_target_matches_the_books_loop_on_tinyssd_anchors_with_many_objects():
+    """1,364 anchors (TinySSD at 128 px: more than one block of the first-argmax search, with a short last block),
+    8 objects per image, some of them in pairs that share a best anchor (the greedy rounds' images) beside images
+    whose objects' best anchors all differ."""
+    generator = torch.Generator().manual_seed(8)
+    stages = [(16, [0.2, 0.272]), (8, [0.37, 0.447]), (4, [0.54, 0.619]), (2, [0.71, 0.79]), (1, [0.88, 0.961])]
+    anchors = torch.cat([multibox_prior(torch.zeros(1, 1, side, side), sizes, [1, 2, 0.5]) for side, sizes in stages],
+                        dim=1)[0]  # fmt: skip
+    assert anchors.shape[0] == 1364 and anchors.shape[0] % boxes._ARGMAX_BLOCK
+    classes = torch.randint(0, 3, (12, 8, 1), generator=generator).float()
+    labels = torch.cat((classes, random_boxes(12 * 8, generator, max_size=0.3).clamp(0, 1).reshape(12, 8, 4)), dim=-1)
+    labels[::3, 1, 1:] = labels[::3, 0, 1:] + 0.004  # near twins: the same best anchor
+    best = box_iou(labels[..., 1:], anchors).argmax(dim=-1)  # [B, G]
+    collides = [len(set(row)) < len(row) for row in best.tolist()]
+    assert any(collides) and not all(collides)
+    _assert_same_targets(multibox_target(anchors, labels), _book_multibox_target(anchors, labels))
+    _assert_same_targets(multibox_target(anchors, labels[1:2]), _book_multibox_target(anchors, labels[1:2]))
+
+
+def test_ties_go_to_the_first_anchor_and_the_first_box():
+    """Equal IoUs: duplicated anchors (in one block of the first-argmax search, in different blocks, in the short
+    last block) and duplicated objects resolve to the first anchor and the first box, as torch.argmax in the book."""
+    generator = torch.Generator().manual_seed(9)
+    anchors = random_boxes(150, generator, max_size=0.5)
+    anchors[140] = anchors[70] = anchors[3]  # blocks 0, 1 and the last (short) one
+    anchors[149] = anchors[100]
+    anchors[10] = anchors[5]
+    grown = torch.tensor([1.0, 1.0, 1.02, 1.02])  # a box a little larger than its anchor: IoU about 0.92
+    ious = box_iou(anchors, (anchors[3] * grown)[None])[:, 0]
+    assert ious[3] == ious[70] == ious[140] == ious.max()
+    image0 = torch.cat((torch.ones(3, 1), (anchors[3] * grown).expand(3, 4)), dim=1)  # three twins
+    image1 = torch.cat((torch.tensor([[0.0], [2.0], [1.0]]), anchors[[100, 60, 5]] * grown), dim=1)  # no collision
+    labels = torch.stack((image0, image1))
+    for iou_threshold in (0.5, 0.95):  # 0.95: above these IoUs, the greedy step alone assigns the anchors
+        got = multibox_target(anchors, labels, iou_threshold)
+        _assert_same_targets(got, _book_multibox_target(anchors, labels, iou_threshold))
+        _assert_same_targets(got, reference_multibox_target(anchors, labels, iou_threshold))
+    assert got[2][1, [100, 149, 5, 10]].tolist() == [1, 0, 2, 0]  # the first of tied anchors
+    assert assign_anchor_to_bbox(image0[:, 1:], anchors, "cpu", 0.95)[[3, 70, 140]].tolist() == [0, 1, 2]
+
+
+def test_padding_with_colliding_and_distinct_best_anchors_matches_the_oracle():
+    generator = torch.Generator().manual_seed(10)
+    anchors = multibox_prior(torch.zeros(1, 1, 8, 8), [0.3, 0.15], [1, 2, 0.5])[0]  # 256 anchors
+    labels = torch.full((4, 5, 5), -1.0)
+    for image, count in enumerate((5, 3, 1, 0)):
+        labels[image, :count, 0] = torch.randint(0, 3, (count,), generator=generator).float()
+        labels[image, :count, 1:] = random_boxes(count, generator, max_size=0.4).clamp(0, 1)
+    labels[1, 2, 1:] = labels[1, 0, 1:]  # image 1: twins (a collision) before its padding
+    labels[0, 2, 0] = -1.0  # image 0: a padding row between objects
+    _assert_same_targets(multibox_target(anchors, labels), reference_multibox_target(anchors, labels))
+    for iou_threshold in (0.0, 0.3, 0.8):
+        _assert_same_targets(multibox_target(anchors, labels, iou_threshold),
+                             reference_multibox_target(anchors, labels, iou_threshold))  # fmt: skip
+
+
 # ---- non-maximum suppression and detection ----
 
 
