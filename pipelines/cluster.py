@@ -53,8 +53,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         _require_token_auth()
         # Inherited by every process of this local Ray: Ray Data's coordinators log each execution at INFO.
-        if not logs.verbose():
-            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        logs.quiet_local_ray_environment()
         # "local" starts a fresh instance even where `ray start` left a cluster running: no address means local.
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
         # workers' CPUs of a sweep trial that ASHA stopped are never released and the next trial waits forever.

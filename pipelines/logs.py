@@ -8,11 +8,35 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 #: Set by ``raycv -v``; read by the driver-side code that configures Ray (and inherited by processes it starts).
 VERBOSE_ENV = "RAYCV_VERBOSE"
 #: Ray's loggers whose INFO lines only ``-v`` shows on the console.
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+#: Warnings of Ray 2.60 that say nothing to a raycv user, by the start of their message, dropped from the console
+#: (not from Ray's log files) unless -v is given:
+KNOWN_NOISE = (
+    # raycv turns Ray Data's bars off on purpose (pipelines.progress draws its own); logged once per process
+    "Progress bars disabled.",
+    # raycv leaves Ray Data a CPU beside the training workers; it warns while a split's decode tasks hold them all
+    "Warning: The Ray cluster currently does not have any available CPUs.",
+    # a new local Ray turns token auth on by itself (raycv's README says so, and raycv keeps the token private)
+    "Token authentication is enabled for this Ray cluster.",
+)
+#: The loggers those warnings come from, in the driver's process.
+NOISY_LOGGERS = ("ray.data._internal.progress", "ray.data.dataset",
+                 "ray._private.authentication.authentication_token_setup")
+#: Ray Data's logging config for the processes of a local Ray (``RAY_DATA_LOGGING_CONFIG``): its own default, with
+#: the console dropping :data:`KNOWN_NOISE`.
+RAY_DATA_LOGGING_CONFIG = Path(__file__).with_name("ray_data_logging.yaml")
+
+
+class KnownNoise(logging.Filter):
+    """Drops the records whose message starts with one of :data:`KNOWN_NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(KNOWN_NOISE)
 
 
 def configure(level: int = logging.INFO) -> None:
@@ -31,6 +55,22 @@ def quiet_ray_loggers() -> None:
     first imported, is in use."""
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose() else logging.WARNING)
+    for name in NOISY_LOGGERS:
+        noisy = logging.getLogger(name)
+        for existing in [f for f in noisy.filters if isinstance(f, KnownNoise)]:
+            noisy.removeFilter(existing)
+        if not verbose():
+            noisy.addFilter(KnownNoise())
+
+
+def quiet_local_ray_environment() -> None:
+    """What the processes of a local Ray about to start inherit without -v: Ray Data's console at WARNING without
+    :data:`KNOWN_NOISE` (its INFO lines still reach ray-data.log), and no DeprecationWarnings (Ray Train's own use
+    of Ray Data's deprecated options prints one from every run's dataset manager)."""
+    if verbose():
+        return
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING_CONFIG))
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
 def quiet_worker_loggers(verbose: bool) -> None:

@@ -19,6 +19,9 @@ from pipelines.plots import learning_curves
 
 log = logging.getLogger(__name__)
 
+#: Seconds between samples of the system metrics (MLflow's default 10 s logs nothing for a run that trains for less:
+#: the monitor only publishes after a whole interval).
+SYSTEM_METRICS_SECONDS = 5.0
 #: Validation inputs in the logged model's input example (one: a 224 px image is already ~1.5 MB of JSON).
 EXAMPLE_ROWS = 1
 
@@ -35,7 +38,7 @@ def system_metrics(tracking_uri: str, run_id: str, rank: int, world: int, resume
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, node_id=f"rank{rank}" if world > 1 else None, resume_logging=resumed,
-                                   tracking_uri=tracking_uri)
+                                   tracking_uri=tracking_uri, sampling_interval=SYSTEM_METRICS_SECONDS)
     monitor.start()
     try:
         yield

@@ -83,7 +83,7 @@ def finetune_resnet18(num_classes: int, weights: str) -> nn.Module:
     model.fc = nn.Linear(RESNET18_FEATURES, num_classes)
     nn.init.xavier_uniform_(model.fc.weight)
     model.weights_description = description
-    log.info("ResNet-18 backbone weights: %s", description)
+    log.debug("ResNet-18 backbone weights: %s", description)  # the driver has said which (raycv.weights tag)
     return model
 
 
