@@ -95,8 +95,11 @@ def test_local_cli_train_then_predict(demo_root, tmp_path):
         assert internal not in console, internal  # Ray's INFO lines only with -v
     for noise in (*logs.KNOWN_NOISE, "RayDeprecationWarning"):
         assert noise not in console, noise
-    # Besides the bars: raycv's lines, MLflow creating its database, Ray's one C++ PreemptionWatcher line (measured: 16)
-    lines = [line for line in console.splitlines() if line.strip() and "epoch 1/1" not in line]
+    # Besides the bars: raycv's lines, MLflow creating its database, Ray's one C++ PreemptionWatcher line (measured:
+    # 16). Not counted: the traceback Ray 2.60's placement-group cleaner sometimes prints as the local Ray shuts down
+    # (its monitor thread polls the State API of a cluster that is going away; seen once in 4 runs).
+    lines = [line for line in console.splitlines()
+             if line.strip() and "epoch 1/1" not in line and "(PlacementGroupCleaner pid=" not in line]
     assert len(lines) <= 18, "\n".join(lines)
     assert "step/s]" in console  # rank 0's progress bar (tqdm), drawn on the driver
     assert console.count("\nseconds: start-up ") == 1
