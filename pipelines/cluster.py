@@ -62,8 +62,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
                            _system_config=worker_pool_config(num_cpus or os.cpu_count() or 1))
         log.info("started a local Ray with %s CPUs; dashboard http://%s", ray.cluster_resources().get("CPU"),
                  context.dashboard_url)
+    quiet_data_context()
+
+
+def quiet_data_context() -> None:
+    """Ray Data in this process (a driver, or a sweep trial that drives a run) without its own progress bars, which
+    the run's say better (pipelines.progress), and its execution plans only with -v."""
     data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = False  # the run's own bars say more (pipelines.progress)
+    data_context.enable_progress_bars = False
     data_context.print_on_execution_start = logs.verbose()  # each pipeline's plan, every epoch
     logs.quiet_ray_loggers()
 

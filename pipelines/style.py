@@ -294,13 +294,13 @@ def _retire_earlier_attempt(client: MlflowClient, parent_run_id: str, trial_id: 
         client.set_terminated(old, status="KILLED")
 
 
-def style_trial(config: dict[str, Any]) -> None:
+def style_trial(config: dict[str, Any], base: dict[str, Any], task_path: str) -> None:
     """Tune trainable: stylise the first configured pair with the sampled weights, as a child run of the sweep,
     reporting every ``style.log_every`` steps (the run is closed before the last report, which may end the trial)."""
     context = tune.get_context()
     trial_id = context.get_trial_id()
     client = MlflowClient(config["tracking_uri"])
-    cfg = trial_config(config)
+    cfg = trial_config(base, task_path, config["sampled"])
     content, style = configured_pairs(cfg)[0]
     _retire_earlier_attempt(client, config["parent_run_id"], trial_id)
     tags = {"raycv.kind": "trial", "raycv.trial_id": trial_id, "raycv.trial_name": context.get_trial_name()}

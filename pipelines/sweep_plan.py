@@ -22,7 +22,8 @@ class SweepPlan:
     """What each trial runs and how trials are ranked; each runner (:mod:`pipelines.runners`) makes its own. Ray
     Train tasks: ``pipelines.tune.sweep_trial``, ``task.metric`` maximised, one report per epoch."""
 
-    trainable: Callable[[dict[str, Any]], None]
+    #: (Tune config, base=config dict, task_path=..., **shared) -> None
+    trainable: Callable[..., None]
     resources: dict[str, float]  # what each trial function itself holds
     metric: str
     mode: str  # "max" or "min"
@@ -38,10 +39,10 @@ class SweepPlan:
     resolve: Callable[[TaskConfig], TaskConfig] = lambda cfg: cfg
 
 
-def trial_config(config: dict[str, Any]) -> TaskConfig:
-    """A trial's typed config from its Tune config: the sweep's ``base`` with the trial's ``sampled`` values set at
-    their dotted paths (checked like overrides)."""
-    raw = copy.deepcopy(config["base"])
-    for path, value in config["sampled"].items():
+def trial_config(base: dict[str, Any], task_path: str, sampled: dict[str, Any]) -> TaskConfig:
+    """A trial's typed config: the sweep's ``base`` config dict (of the task at ``task_path``) with the trial's
+    ``sampled`` values set at their dotted paths (checked like overrides)."""
+    raw = copy.deepcopy(base)
+    for path, value in sampled.items():
         set_path(raw, path, value)
-    return TaskConfig(raw, config["task_path"])
+    return TaskConfig(raw, task_path)

@@ -26,6 +26,7 @@ from cvtasks import storage as storage_paths
 from cvtasks.settings import ScalingSection, TaskConfig
 from cvtasks.tasks import get_task
 from pipelines import failures, logs, plots, tracking
+from pipelines.cluster import quiet_data_context
 from pipelines.config import ConfigError, get_path
 from pipelines.handoff import ResolvedWeights
 from pipelines.runners import runner_for
@@ -81,16 +82,19 @@ def make_scheduler(name: str, max_epochs: int) -> TrialScheduler:
     raise ValueError(f'Unknown scheduler "{name}": use asha or fifo')
 
 
-def sweep_trial(config: dict[str, Any], weights: ResolvedWeights | None = None) -> None:
+def sweep_trial(config: dict[str, Any], base: dict[str, Any], task_path: str,
+                weights: ResolvedWeights | None = None) -> None:
     """Tune trainable: one sampled config -> one TorchTrainer run, logged as a child MLflow run.
 
     A restored sweep calls this again for unfinished trials: the child run is found by trial id and resumed from
-    its Ray Train checkpoint rather than started over. ``weights``: ``model.weights`` as the sweep's driver read it.
+    its Ray Train checkpoint rather than started over. ``base``, ``task_path``: the sweep's config (see
+    :func:`~pipelines.sweep_plan.trial_config`); ``weights``: ``model.weights`` as the sweep's driver read it.
     """
     context = tune.get_context()
     trial_id = context.get_trial_id()
     client = MlflowClient(config["tracking_uri"])
-    cfg = trial_config(config)
+    quiet_data_context()  # this trial's driver builds the run's Ray Data pipelines
+    cfg = trial_config(base, task_path, config["sampled"])
     existing = tracking.find_child_run(client, config["parent_run_id"], trial_id)
     tags = {"raycv.kind": "trial", "raycv.trial_id": trial_id, "raycv.trial_name": context.get_trial_name()}
     run_training(
@@ -179,17 +183,17 @@ def run_sweep(
         client.log_dict(parent_run_id, cfg.raw["search"], "search_space.yaml")
     log.info("sweep %s: MLflow parent run %s; resume with --resume %s", cfg.task, parent_run_id, experiment_path)
 
-    trainable = plan.trainable
-    if plan.shared is not None:
-        trainable = tune.with_parameters(trainable, **plan.shared(cfg, tracking_uri))
+    # The base config reaches the trials beside their Tune config, not in it: Tune's console shows each trial's
+    # config, which is then its sampled values only (and a restored sweep takes the base of the resuming command).
+    base = {k: v for k, v in plan.resolve(with_absolute_data_root(cfg)).raw.items() if k != "search"}
+    shared = plan.shared(cfg, tracking_uri) if plan.shared is not None else {}
+    trainable = tune.with_parameters(plan.trainable, base=base, task_path=cfg.task_path, **shared)
     trainable = tune.with_resources(trainable, plan.resources)
     driver_cpus = plan.resources.get("CPU", 0.0)
     max_concurrent = fitting_concurrency(max_concurrent, plan.train_scaling,
                                          float(ray.cluster_resources().get("CPU", 0.0)), driver_cpus)
-    base = {k: v for k, v in plan.resolve(with_absolute_data_root(cfg)).raw.items() if k != "search"}
     param_space = {
-        "base": base, "task_path": cfg.task_path, "sampled": space, "tracking_uri": tracking_uri,
-        "parent_run_id": parent_run_id, "storage": storage,
+        "sampled": space, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "storage": storage,
         # what the concurrent trial functions hold: each trial's workers leave Ray Data a whole CPU beside them
         "held_cpus": max_concurrent * driver_cpus,
     }
