@@ -18,7 +18,7 @@ import importlib
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 S = TypeVar("S", bound="Section")
 
@@ -140,8 +140,6 @@ class TaskConfig:
     worker of a task registered at test time) still finds its sections.
     """
 
-    shared: ClassVar[dict[str, type[Section]]] = SHARED
-
     def __init__(self, raw: dict[str, Any], task_path: str) -> None:
         self.raw = raw
         self.task_path = task_path
@@ -153,7 +151,7 @@ class TaskConfig:
     @functools.cached_property
     def _sections(self) -> dict[str, Section]:
         module, name = self.task_path.split(":")
-        declared = {**self.shared, **getattr(importlib.import_module(module), name).sections}
+        declared = {**SHARED, **getattr(importlib.import_module(module), name).sections}
         unknown = sorted(set(self.raw) - set(declared) - set(PLAIN_KEYS))
         if unknown:
             raise SettingsError(f"the {self.task} config has section(s) {unknown} its task does not declare")
@@ -178,10 +176,6 @@ class TaskConfig:
     scaling: ScalingSection
     optim: OptimSection
 
-    def with_raw(self, raw: dict[str, Any]) -> TaskConfig:
-        """The same task's config from another validated dict (e.g. a trial's, with sampled values set)."""
-        return TaskConfig(raw, self.task_path)
-
     def with_values(self, values: dict[str, Any]) -> TaskConfig:
         """A copy with ``{"data.class_names": [...]}``-style dotted paths set (what the driver resolves for
         workers); the sections are checked again when used."""
@@ -193,9 +187,6 @@ class TaskConfig:
                 node = node.setdefault(part, {})
             node[leaf] = value
         return TaskConfig(raw, self.task_path)
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self.raw)
 
     def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], str]]:
         return TaskConfig, (self.raw, self.task_path)  # the sections are rebuilt where they are used

@@ -14,13 +14,12 @@ from pipelines import logs
 from pipelines.config import ConfigError, load_config
 from pipelines.download import DownloadError
 from pipelines.failures import RunError
+from pipelines.runners import OUTPUT_DIR
 
 #: Errors that say what is wrong with the user's input or setup: printed as one line, exit status 2.
 USER_ERRORS = (ConfigError, DataFormatError, DownloadError, RunError, ValueError, FileNotFoundError, PermissionError)
 
 log = logging.getLogger("raycv")
-#: Files for people (stylised images) go under OUTPUT_DIR/<task>.
-OUTPUT_DIR = "outputs"
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -63,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = resolved_config(args)
     request = RunRequest(resolve_tracking_uri(args.tracking_uri), address=args.address, storage=args.storage,
-                         resume=args.resume, epochs_given=args.epochs is not None, output_dir=OUTPUT_DIR)
+                         resume=args.resume, epochs_given=args.epochs is not None)
     return runner_for(cfg.task).train(cfg, request)
 
 

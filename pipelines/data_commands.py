@@ -167,9 +167,9 @@ def _log_progress(done: int, total: int | None) -> None:
         log.info("downloaded %.1f MB", done / 1e6)
 
 
-def find_bad_rows(task_name: str, cfg: TaskConfig, index: pd.DataFrame, batch_size: int = 64) -> list[str]:
-    """Decode every row; return one message per bad sample (the error naming its file)."""
-    task = get_task(task_name)
+def find_bad_rows(cfg: TaskConfig, index: pd.DataFrame, batch_size: int = 64) -> list[str]:
+    """Decode every row of ``cfg``'s task; return one message per bad sample (the error naming its file)."""
+    task = get_task(cfg.task)
     problems = []
     for start in range(0, len(index), batch_size):
         chunk = index.iloc[start : start + batch_size]
@@ -206,7 +206,7 @@ def check(cfg: TaskConfig) -> int:
         skipped = index.attrs.get("skipped")
         if skipped:
             print(f"  index skipped rows: {skipped}")
-        problems = find_bad_rows(cfg.task, cfg, index)
+        problems = find_bad_rows(cfg, index)
         for problem in problems:
             print(f"  BAD {problem}")
         bad_total += len(problems)

@@ -27,6 +27,10 @@ RUNNERS: dict[str, str] = {
 }
 
 
+#: Files for people (stylised images) go under OUTPUT_DIR/<task>.
+OUTPUT_DIR = "outputs"
+
+
 @dataclass(frozen=True)
 class RunRequest:
     """What ``raycv train`` asked for besides the config."""
@@ -36,7 +40,7 @@ class RunRequest:
     storage: str | None = None
     resume: str | None = None  # a run id or "latest"
     epochs_given: bool = False  # --epochs on the command line
-    output_dir: str = "outputs"  # where files for people are written (stylised images)
+    output_dir: str = OUTPUT_DIR  # a task's files for people go under <output_dir>/<task>
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from cvtasks.settings import TaskConfig
 from pipelines.config import ConfigError
-from pipelines.runners import DemoRow, RunRequest
+from pipelines.runners import OUTPUT_DIR, DemoRow, RunRequest
 
 if TYPE_CHECKING:
     from pipelines.sweep_plan import SweepPlan
@@ -43,7 +43,7 @@ class StyleRunner:
         """All configured pairs in parallel; the row reports the first pair (with the others' count)."""
         from pipelines.style import load_pairs, run_pairs
 
-        outcomes = run_pairs(cfg, load_pairs(cfg), tracking_uri, Path("outputs") / cfg.task)
+        outcomes = run_pairs(cfg, load_pairs(cfg), tracking_uri, Path(OUTPUT_DIR) / cfg.task)
         failed = [o for o in outcomes if o.error]
         if failed:
             raise RuntimeError(f"style transfer failed for {failed[0].content} + {failed[0].style}: "
