@@ -104,6 +104,7 @@ class TrainSection(Section):
     epochs: int
     seed: int
     amp: bool  # bfloat16 autocast on GPU
+    channels_last: bool  # model weights and image batches in NHWC memory format (pipelines.steps.channels_last_model)
     max_failures: int  # Ray Train restarts from the last checkpoint after this many worker failures
     inject_failure_at_epoch: int  # testing aid: raise once after this epoch's checkpoint
 

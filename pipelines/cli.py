@@ -11,7 +11,7 @@ from cvtasks.errors import DataFormatError
 from cvtasks.settings import TaskConfig
 from cvtasks.tasks import task_names
 from pipelines import logs
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, file_sets, load_config
 from pipelines.download import DownloadError
 from pipelines.failures import RunError
 from pipelines.runners import OUTPUT_DIR
@@ -29,7 +29,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set optim.lr=0.01 (repeatable)")
     p.add_argument("--workers", type=int, help="Ray Train workers (DDP processes) per run")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU training)")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="GPUs per worker (0 = CPU training; more also turns on train.amp and train.channels_last "
+                        "unless --set or --config gives them)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker")
     p.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -46,14 +48,20 @@ def resolved_config(args: argparse.Namespace) -> TaskConfig:
     }
     overrides += [f"{key}={value}" for key, value in shorthands.items() if value is not None]
     cfg = load_config(args.task, args.config, overrides)
-    # GPU runs train in bfloat16 autocast unless the user says otherwise.
-    if cfg.scaling.gpus_per_worker and not _amp_explicit(overrides):
-        cfg = cfg.with_values({"train.amp": True})
+    if cfg.scaling.gpus_per_worker:
+        cfg = cfg.with_values({key: True for key in GPU_DEFAULTS if not _explicit(key, overrides, args.config)})
     return cfg
 
 
-def _amp_explicit(overrides: list[str]) -> bool:
-    return any(o.split("=", 1)[0].strip() == "train.amp" for o in overrides)
+#: Switched on for GPU runs (scaling.gpus_per_worker > 0) unless --set or --config gives them: bfloat16 autocast
+#: and channels-last memory format (pipelines.steps).
+GPU_DEFAULTS = ("train.amp", "train.channels_last")
+
+
+def _explicit(key: str, overrides: list[str], config_file: str | None) -> bool:
+    """Whether the user set ``key`` with ``--set`` or in the ``--config`` file."""
+    return (any(o.split("=", 1)[0].strip() == key for o in overrides)
+            or (config_file is not None and file_sets(config_file, key)))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

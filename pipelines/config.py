@@ -94,6 +94,16 @@ def merge(cfg: dict, partial: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: {exc}") from exc
 
 
+def file_sets(config_file: str | Path, path: str) -> bool:
+    """Whether the partial YAML ``config_file`` gives a value for dotted ``path`` (e.g. ``train.amp``)."""
+    node: Any = _read_yaml(Path(config_file))
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def get_path(cfg: dict, path: str) -> Any:
     node: Any = cfg
     for part in path.split("."):

@@ -33,6 +33,7 @@ from pipelines.progress import EpochProgress, steps_per_epoch
 from pipelines.run_logging import FIRST_STEP_TAG, RunLogger, system_metrics
 from pipelines.steps import (
     PassSums,
+    channels_last_model,
     epoch_metrics,
     evaluate,
     lr_factor,
@@ -119,7 +120,7 @@ def start_worker(config: dict[str, Any]) -> WorkerRun:
     if threads:
         torch.set_num_threads(threads)
     log.debug("rank %d of %d on %s with %d torch threads", rank, world, device, torch.get_num_threads())
-    raw_model = build_model(task, cfg, config.get("weights"))
+    raw_model = channels_last_model(build_model(task, cfg, config.get("weights")), cfg.train.channels_last)
     optimizer = make_optimizer(task.param_groups(raw_model, cfg), cfg.optim)
     logger = RunLogger(config["tracking_uri"], config["run_id"], active=rank == 0)
     start_epoch, history = 0, []

@@ -63,6 +63,29 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def channels_last_model(model: nn.Module, enabled: bool) -> nn.Module:
+    """``model`` with its 4-D weights in channels-last (NHWC) memory format when ``train.channels_last`` is on.
+
+    Why: on GPUs, cuDNN's convolutions under bfloat16 autocast run on the tensor cores in NHWC; with NCHW weights
+    and inputs every convolution pays a transpose in and out. Only the memory layout changes, never a value or a
+    shape, so it is applied on every device (on CPU, oneDNN has NHWC kernels too, and the CPU tests exercise this
+    path; results agree with NCHW up to float rounding). Call it before DDP wraps the model, so that every rank's
+    gradient buckets are laid out for the converted weights: :func:`pipelines.loop.start_worker` calls it on the
+    model it builds, before the optimiser and ``prepare_model``. :func:`channels_last_inputs` does the batches.
+    """
+    return model.to(memory_format=torch.channels_last) if enabled else model
+
+
+def channels_last_inputs(batch: TensorBatch, enabled: bool) -> TensorBatch:
+    """``batch`` with its 4-D floating-point tensors (image batches) in channels-last memory format when
+    ``train.channels_last`` is on (see :func:`channels_last_model`); other tensors (labels, boxes, masks) and the
+    whole batch when it is off are returned as they are."""
+    if not enabled:
+        return batch
+    return {key: value.contiguous(memory_format=torch.channels_last)
+            if value.dim() == 4 and value.is_floating_point() else value for key, value in batch.items()}
+
+
 def all_reduce(sums: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Sum each statistic over all workers (keys sorted so every rank reduces in the same order)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -126,11 +149,12 @@ def _one_pass(task: Task, model: nn.Module, batches: Iterable[TensorBatch], cfg:
     loss_acc: dict[str, torch.Tensor] = {}
     metric_acc: dict[str, torch.Tensor] = {}
     seen = 0
-    amp = cfg.train.amp
+    amp, channels_last = cfg.train.amp, cfg.train.channels_last
     with torch.set_grad_enabled(train):
         for step, batch in enumerate(batches):
             if step == 0 and on_first_batch is not None:
                 on_first_batch(batch)
+            batch = channels_last_inputs(batch, channels_last)
             n = int(batch[task.tensor_keys[0]].shape[0])
             with _autocast(device, amp):
                 out = task.forward(model, batch)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import build_parser
+from pipelines.cli import build_parser, resolved_config
+from pipelines.config import ConfigError
 from pipelines.report import seconds_line
 
 BIN = Path(sys.executable).parent
@@ -49,3 +50,27 @@ def test_version_is_the_same_for_raycv_and_python_m_pipelines():
     outputs = [subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
                for cmd in ([str(BIN / "raycv"), "--version"], [sys.executable, "-m", "pipelines", "--version"])]
     assert outputs[0] == outputs[1] and outputs[0].startswith("raycv ")
+
+
+def _train_config(*argv: str):
+    return resolved_config(build_parser().parse_args(["train", "cifar10", *argv]))
+
+
+def test_gpu_runs_turn_on_amp_and_channels_last_unless_given(tmp_path):
+    def flags(cfg):
+        return cfg.train.amp, cfg.train.channels_last
+
+    assert flags(_train_config()) == (False, False)  # CPU: both off
+    assert flags(_train_config("--gpus-per-worker", "1")) == (True, True)
+    assert flags(_train_config("--gpus-per-worker", "0.5", "--set", "train.channels_last=false")) == (True, False)
+    assert flags(_train_config("--gpus-per-worker", "1", "--set", "train.amp=false")) == (False, True)
+    partial = tmp_path / "gpu.yaml"
+    partial.write_text("train:\n  channels_last: false\n")
+    assert flags(_train_config("--gpus-per-worker", "1", "--config", str(partial))) == (True, False)
+    assert flags(_train_config("--set", "train.channels_last=true")) == (False, True)  # on CPU when asked
+
+
+def test_channels_last_is_a_typed_boolean():
+    with pytest.raises(ConfigError, match="train.channels_last must be a boolean"):
+        _train_config("--set", "train.channels_last=1")
+    assert isinstance(_train_config().train.channels_last, bool)
