@@ -1,10 +1,13 @@
-"""Peak object-store use of raycv's VOC pipeline at VOC scale, under a deliberately small object store.
+"""Peak object-store use of raycv's input pipeline at real scale, under a deliberately small object store.
 
-Writes a synthetic VOC2012 (``cvtasks.demo.voc``: 2,913 scenes, as many as VOC2012's segmentation train + val, with
-sides drawn from [375, 500] px, about VOC's 500x375 pixels per image) to a temporary folder, starts a local Ray
-with a small object store, builds the training split with ``pipelines.data.build_split`` under ``data.cache: auto``
-(which caches the decoded split only when it fits in 30% of the store, else streams), and iterates one epoch of
-batches as a Ray Train worker would, sampling the object store's use every ``SAMPLE_SECONDS``.
+``--task voc`` (the default): writes a synthetic VOC2012 (``cvtasks.demo.voc``: 2,913 scenes, as many as VOC2012's
+segmentation train + val, with sides drawn from [375, 500] px, about VOC's 500x375 pixels per image).
+``--task cifar10``: writes CIFAR-10 in the real pickled-batch format (``cvtasks.demo.cifar``: 50,000 training images,
+CIFAR-10's count). Either goes to a temporary folder (or ``--data-dir``, shared with bench_data.py), then the
+benchmark starts a local Ray with a small object store, builds the training split with
+``pipelines.data.build_split`` under ``data.cache: auto`` (which caches the decoded split only when it fits in 30%
+of the store, else streams), and iterates one epoch of batches as a Ray Train worker would, sampling the object
+store's use every ``SAMPLE_SECONDS``.
 
 Prints the peak object-store bytes against the decoded size of the split and the store's capacity, plus what was
 spilled to disk and how far system memory rose.
@@ -13,8 +16,17 @@ Measured on the 2-CPU dev machine (2,913 images, ~2.2 GB decoded, crop 320x480, 
     300 MB store: peak 290 MB in the store (97%), nothing over capacity, 3.8 GB spilled over the epoch; before blocks
                   were sized to the store: peak 645 MB (516 MB mmapped past capacity), 8.5 GB spilled
     1 GB store:   peak 601 MB (60%), nothing spilled; before: peak 914 MB (91%), 0.4 GB spilled
+CIFAR-10 (``--task cifar10 --images 50000`` / ``100000 --data-dir /tmp/ingest-data``, 75 MB store: Ray's minimum,
+so 50,000 images decode to 2.0x the store and 100,000 to 3.9x; streamed, batch 256, one epoch; load average ~1-2):
+    50,000:  peak 73 MB in the store (98%), nothing over capacity, 317 MB spilled; private memory 1011 -> 2537 MB
+    100,000: peak 73 MB (98%), nothing over capacity, 599 MB spilled; private memory 1167 -> 2840 MB
+    Before the index was cut to the store's block size (CIFAR's index carries every image's bytes, and
+    ``from_pandas`` puts all of it in the store): 50,000: peak 109 MB (145%, 38 MB over capacity); 100,000: peak
+    300 MB (400%, 227 MB over capacity). The private-memory rise is mostly the driver's index (~160 MB per 50,000
+    images) and the Ray workers' imports, and grows with the index, not the store.
 
-Usage: python benchmarks/bench_voc_memory.py [--images 2913] [--object-store-mb 300] [--crop 320 480]
+Usage: python benchmarks/bench_voc_memory.py [--task voc|cifar10] [--images 2913|50000]
+                                             [--object-store-mb 300|75] [--crop 320 480 (voc)]
                                              [--data-dir DIR (reuse/keep the dataset)] [--cache auto|memory|stream]
 """
 
@@ -25,100 +37,46 @@ import logging
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import ray
-from ray._private import internal_api
+from scale_data import (
+    CIFAR_TRAIN_IMAGES,
+    D2L_CROP,
+    MB,
+    VOC_SEGMENTATION_IMAGES,
+    VOC_SIDES,
+    StoreSampler,
+    cifar_root,
+    private_memory,
+    voc_root,
+)
 
-from cvtasks.demo import voc as voc_demo
 from cvtasks.tasks import get_task
+from cvtasks.tasks.base import Config
 from pipelines.config import load_config
 from pipelines.data import build_split, row_bytes, should_cache
 
 log = logging.getLogger("bench_voc_memory")
 
-VOC_SEGMENTATION_IMAGES = 2913  # VOC2012 ImageSets/Segmentation train (1,464) + val (1,449)
-VAL_IMAGES = 8  # the val split is not iterated; the writer needs one
-SIDE_RANGE = (375, 500)  # height and width drawn independently: mean ~437x437 px, about VOC's 500x375
-D2L_CROP = (320, 480)  # d2l's VOC crop (height, width)
-SAMPLE_SECONDS = 0.25
-MB = 1 << 20
+#: Per task: default images and object store (MB). Ray's smallest store is 75 MiB: 50,000 CIFAR images decode to
+#: ~147 MiB, 2x that store; ``--images 100000`` makes the decoded split ~4x it.
+DEFAULTS = {"voc": (VOC_SEGMENTATION_IMAGES, 300), "cifar10": (CIFAR_TRAIN_IMAGES, 75)}
 
 
-def private_memory() -> int:
-    """Resident minus shared bytes (shared: the object store's pages mapped in) of this process and its children."""
-    me = psutil.Process()
-    total = 0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            info = proc.memory_info()
-        except psutil.Error:  # exited between listing and reading
-            continue
-        total += info.rss - info.shared
-    return total
-
-
-@dataclass
-class StoreSampler:
-    """Polls the cluster's object-store stats in a thread; keeps the peaks."""
-
-    peak_used: int = 0
-    peak_fallback: int = 0  # bytes the store had to mmap outside its capacity (over-full)
-    spilled: int = 0
-    restored: int = 0
-    capacity: int = 0
-    samples: int = 0
-    peak_private: int = 0  # resident, non-shared memory of this driver and every Ray process it started
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def sample(self) -> None:
-        state = internal_api.get_state_from_address(ray.get_runtime_context().gcs_address)
-        stats = internal_api.get_memory_info_reply(state).store_stats
-        self.peak_used = max(self.peak_used, stats.object_store_bytes_used)
-        self.peak_fallback = max(self.peak_fallback, stats.object_store_bytes_fallback)
-        self.spilled, self.restored = stats.spilled_bytes_total, stats.restored_bytes_total
-        self.capacity = stats.object_store_bytes_avail
-        self.peak_private = max(self.peak_private, private_memory())
-        self.samples += 1
-
-    def run(self) -> None:
-        while not self._stop.wait(SAMPLE_SECONDS):
-            self.sample()
-
-    def __enter__(self) -> StoreSampler:
-        self.sample()
-        self._thread = threading.Thread(target=self.run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
-def write_dataset(root: Path, images: int) -> None:
-    marker = root / f".bench-{images}"
-    if marker.exists():
-        log.info("reusing the dataset at %s", root)
-        return
-    start = time.perf_counter()
-    log.info("writing %d synthetic VOC scenes to %s ...", images, root)
-    voc_demo.write(root, seed=0, n_train=images, n_val=VAL_IMAGES, min_side=SIDE_RANGE[0], max_side=SIDE_RANGE[1])
-    marker.touch()
-    log.info("wrote the dataset in %.0f s", time.perf_counter() - start)
-
-
-def run(root: Path, images: int, object_store_mb: int, crop: tuple[int, int], cache: str) -> None:
-    cfg = load_config("voc", overrides=[
+def task_config(task: str, root: Path, crop: tuple[int, int], cache: str) -> Config:
+    if task == "cifar10":
+        return load_config("cifar10", overrides=[f"data.root={root}", f"data.cache={cache}"])
+    return load_config("voc", overrides=[
         f"data.root={root}", f"data.cache={cache}", f"augment.crop_size=[{crop[0]}, {crop[1]}]",
         "augment.small=pad",  # keep all 2,913 images whatever their size (d2l's filter would drop some)
     ])
-    task = get_task("voc")
+
+
+def run(cfg: Config, images: int, object_store_mb: int) -> None:
+    task = get_task(cfg.task)
     ray.init(num_cpus=psutil.cpu_count(), object_store_memory=object_store_mb * MB, include_dashboard=False,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -134,21 +92,25 @@ def run(root: Path, images: int, object_store_mb: int, crop: tuple[int, int], ca
             split = build_split(task, cfg, "train", train=True)
             rows = 0
             for batch in split.dataset.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy"):
-                rows += len(batch["mask"])
+                rows += len(batch["image"])
             seconds = time.perf_counter() - start
-        report(images, rows, seconds, split.cached, estimate, sampler, baseline, crop, cfg)
+        report(images, rows, seconds, split.cached, estimate, sampler, baseline, cfg)
     finally:
         ray.shutdown()
 
 
 def report(images: int, rows: int, seconds: float, cached: bool, estimate: int, sampler: StoreSampler,
-           baseline: int, crop: tuple[int, int], cfg: dict) -> None:
+           baseline: int, cfg: Config) -> None:
     """Print the measured numbers for people (benchmark output)."""
-    print(f"VOC-scale pipeline: {images} images (sides {SIDE_RANGE[0]}-{SIDE_RANGE[1]} px), crop {crop[0]}x{crop[1]}, "
-          f"batch {cfg.data.batch_size}, data.cache={cfg.data.cache} -> "
-          f"{'cached' if cached else 'streamed'}")
+    if cfg.task == "voc":
+        crop = cfg.augment.crop_size
+        inputs = (f"VOC-scale pipeline: {images} images (sides {VOC_SIDES[0]}-{VOC_SIDES[1]} px), "
+                  f"crop {crop[0]}x{crop[1]}")
+    else:
+        inputs = f"CIFAR-10 pipeline: {images} images (32x32, pickled batches)"
+    print(f"{inputs}, batch {cfg.data.batch_size}, data.cache={cfg.data.cache} -> {'cached' if cached else 'streamed'}")
     print(f"one epoch: {rows} rows in {seconds:.1f} s ({rows / seconds:.1f} images/s), {sampler.samples} samples")
-    print(f"decoded split (estimate):      {estimate / MB:9.0f} MB")
+    print(f"decoded split (estimate):      {estimate / MB:9.0f} MB  = {estimate / sampler.capacity:.1f}x the store")
     print(f"object store capacity:         {sampler.capacity / MB:9.0f} MB")
     print(f"peak object store use:         {sampler.peak_used / MB:9.0f} MB  "
           f"= {sampler.peak_used / estimate:.1%} of the decoded split, {sampler.peak_used / sampler.capacity:.1%} "
@@ -161,17 +123,20 @@ def report(images: int, rows: int, seconds: float, cached: bool, estimate: int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=VOC_SEGMENTATION_IMAGES)
-    parser.add_argument("--object-store-mb", type=int, default=300)
+    parser.add_argument("--task", choices=sorted(DEFAULTS), default="voc")
+    parser.add_argument("--images", type=int, help="training images (default: 2913 VOC, 50000 CIFAR)")
+    parser.add_argument("--object-store-mb", type=int, help="object store size (default: 300 VOC, 75 CIFAR)")
     parser.add_argument("--crop", type=int, nargs=2, default=list(D2L_CROP), metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--cache", default="auto", choices=["auto", "memory", "stream"])
-    parser.add_argument("--data-dir", type=Path, help="write (or reuse) the dataset here and keep it")
+    parser.add_argument("--data-dir", type=Path, help="write (or reuse) the dataset under here and keep it")
     args = parser.parse_args(argv)
+    images = args.images or DEFAULTS[args.task][0]
+    store_mb = args.object_store_mb or DEFAULTS[args.task][1]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    root = args.data_dir or Path(tempfile.mkdtemp(prefix="raycv-voc-bench-"))
+    root = args.data_dir or Path(tempfile.mkdtemp(prefix="raycv-memory-bench-"))
     try:
-        write_dataset(root, args.images)
-        run(root, args.images, args.object_store_mb, tuple(args.crop), args.cache)
+        data = cifar_root(root, images) if args.task == "cifar10" else voc_root(root, images)
+        run(task_config(args.task, data, tuple(args.crop), args.cache), images, store_mb)
     finally:
         if args.data_dir is None:
             shutil.rmtree(root, ignore_errors=True)
