@@ -1,27 +1,30 @@
-"""Benchmark Ray Train against a plain single-process PyTorch loop on CIFAR-10, side by side in one run.
+"""Benchmark Ray Train against a plain single-process PyTorch loop at its best, side by side in one run.
 
-Same demo data (CIFAR-10 pickled batches written to a temp folder), same model (d2l's CIFAR ResNet-18,
-``cvtasks.models.resnet.cifar_resnet18`` at the config's ``model.width``), same optimizer and per-worker batch size:
+For each task (``--tasks``, default CIFAR-10 and banana detection): the same demo data (written to a temp folder
+in the real format), the same model (``task.build_model``), optimizer and per-worker batch size on both sides:
 
-- Ray Train: ``pipelines.train.run_training`` with 1 and with 2 DDP workers, and with 1 worker computing on
-  ``--cpus`` torch threads (``scaling.torch_threads``, as ``make demo`` runs single workers), Ray Data
-  decode/augment feeding each worker's shard, MLflow tracking to a temp sqlite store; examples/sec are the
-  ``examples_per_sec`` the loop reports per epoch (training pass only), read back from MLflow. Workers reserve at
-  most 1 CPU each and leave 1 of the ``--cpus`` to Ray Data (2 workers on 2 CPUs: 0.5 each);
-- plain: the training images decoded and preprocessed once into in-memory tensors (the task's decode and evaluation
-  transform), then ``pipelines.steps.train_one_epoch`` -- the very step Ray Train workers run -- over shuffled
-  batches of those tensors in this one process, no Ray at all.
+- plain: the training split decoded once into in-memory uint8 arrays, then ``pipelines.steps.train_one_epoch`` --
+  the very step Ray Train workers run -- over shuffled batches in this one process, no Ray at all, at every torch
+  thread count from 1 to ``--cpus``. Two anchors:
 
-The ratio Ray/plain is therefore the cost (or gain, with 2 workers) of Ray Train + Ray Data over the bare compute;
-the plain loop runs before and after the Ray runs and the ratio uses the mean of the two.
-Epoch 1 is reported apart from the steady state (epochs 2+). ``ray.init`` time and each run's wall time (worker
-start-up, checkpoints, MLflow model logging) are reported too.
+  * **plain + augment**: each batch gets the task's training ``augment`` (fresh randomness per epoch, as Ray
+    Data's map tasks give it) inside the timed pass, as a one-process loop must. This is the like-for-like anchor.
+  * **plain, no augment**: the evaluation transform applied once, outside the timing: training compute alone, an
+    upper bound no input pipeline can beat on the same cores.
 
-PyTorch threads: Ray gives each worker of up to 1 CPU one intra-op thread unless ``scaling.torch_threads`` says
-otherwise; the plain loop runs with ``--plain-threads``
-(default 1: on a loaded 2-core machine, 2 threads made a ResNet step several times slower, not faster).
+  The anchor is the **fastest** thread count of each (on 2 cores usually 2 threads; reported, not assumed).
+- Ray Train: ``pipelines.train.run_training`` with 1 worker computing on ``--cpus`` torch threads
+  (``scaling.torch_threads``, as ``make demo`` runs single workers), with 2 DDP workers, and with 1 worker on
+  Ray's one thread; Ray Data decodes once into the object store and augments every epoch in its own tasks, MLflow
+  tracking to a temp sqlite store; examples/sec are the ``examples_per_sec`` the loop reports per epoch (training
+  pass only), read back from MLflow. Workers reserve at most 1 CPU each and leave 1 of the ``--cpus`` to Ray Data.
 
-Usage: python benchmarks/bench_train.py [--train-images 1500] [--epochs 3] [--cpus 2] [--plain-threads 1]
+Each plain loop runs before and after the Ray runs and the anchor uses the mean of the two, so a change in load
+from other processes shows as a spread. Epoch 1 is reported apart from the steady state (epochs 2+), and as a
+ratio of the steady state. Ray's start-up time and each run's wall time (worker start-up, checkpoints, MLflow model
+logging) are reported too.
+
+Usage: python benchmarks/bench_train.py [--tasks cifar10,banana] [--train-images 1500] [--epochs 3] [--cpus 2]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +43,11 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+from cvtasks.demo import banana as demo_banana
 from cvtasks.demo import cifar as demo_cifar
-from cvtasks.models.resnet import cifar_resnet18
 from cvtasks.tasks import get_task
-from cvtasks.tasks.base import Config, TensorBatch
+from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
+from pipelines.cluster import connect
 from pipelines.config import load_config
 from pipelines.report import format_table
 from pipelines.steps import make_optimizer, train_one_epoch
@@ -52,11 +57,16 @@ log = logging.getLogger("bench_train")
 
 EXAMPLES_KEY = "examples_per_sec"
 
+#: How each benchmarked task's demo data is written: (root, train images, val images) -> dataset folder.
+DEMO_WRITERS: dict[str, Callable[[Path, int, int], Path]] = {
+    "cifar10": lambda root, n_train, n_val: demo_cifar.write(root, seed=0, n_train=n_train, n_test=n_val),
+    "banana": lambda root, n_train, n_val: demo_banana.write(root, seed=0, n_train=n_train, n_val=n_val),
+}
+
 
 @dataclass
 class Result:
     label: str
-    workers: int
     threads: int
     rates: list[float]  # examples/sec of each epoch's training pass
     wall_seconds: float
@@ -68,37 +78,49 @@ class Result:
         return len(later) / sum(1.0 / r for r in later) if later else float("nan")
 
 
-def preprocessed_tensors(cfg: Config) -> TensorBatch:
-    """The whole training split, decoded and given the evaluation transform once, as tensors."""
-    task = get_task(cfg.task)
+def decoded_split(task: Task, cfg: Config) -> Batch:
+    """The whole training split decoded once (what Ray Data caches in the object store), as numpy arrays."""
     index = task.index("train", cfg)
-    decoded = task.decode({col: index[col].to_numpy() for col in index.columns}, cfg)
-    ready = task.augment(decoded, False, cfg, np.random.default_rng(0))
-    return {key: torch.from_numpy(ready[key]) for key in task.tensor_keys}
+    return task.decode({col: index[col].to_numpy() for col in index.columns}, cfg)
 
 
-def shuffled_batches(data: TensorBatch, batch_size: int, generator: torch.Generator) -> list[TensorBatch]:
-    order = torch.randperm(len(data["label"]), generator=generator)
-    return [{k: v[order[i : i + batch_size]] for k, v in data.items()} for i in range(0, len(order), batch_size)]
+def shuffled_batches(task: Task, decoded: Batch, cfg: Config, augment: bool, rng: np.random.Generator
+                     ) -> list[Batch]:
+    """One epoch's batches in a fresh order; augmented here only when ``augment`` is off (the evaluation
+    transform, outside the timed pass); with it on, ``timed_batches`` augments each batch inside the pass."""
+    order = rng.permutation(len(next(iter(decoded.values()))))
+    size = cfg.data.batch_size
+    batches = [{k: v[order[i : i + size]] for k, v in decoded.items()} for i in range(0, len(order), size)]
+    return batches if augment else [task.augment(b, False, cfg, rng) for b in batches]
 
 
-def bench_plain(cfg: Config, threads: int, when: str) -> Result:
-    """``train_one_epoch`` over in-memory tensors in this process; times the training pass of each epoch."""
+def timed_batches(task: Task, batches: list[Batch], cfg: Config, augment: bool, rng: np.random.Generator
+                  ) -> Iterator[TensorBatch]:
+    """Tensor batches as ``train_one_epoch`` consumes them: augmenting each one when it is drawn (so its cost is in
+    the pass's seconds, as a one-process loop pays it)."""
+    for batch in batches:
+        ready = task.augment(batch, True, cfg, rng) if augment else batch
+        yield {key: torch.from_numpy(np.ascontiguousarray(ready[key])) for key in task.tensor_keys}
+
+
+def bench_plain(cfg: Config, decoded: Batch, threads: int, augment: bool, when: str) -> Result:
+    """``train_one_epoch`` over in-memory batches in this process; times the training pass of each epoch."""
     started = time.perf_counter()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     task = get_task(cfg.task)
-    data = preprocessed_tensors(cfg)
-    model = cifar_resnet18(num_classes=len(task.class_names(cfg)), width=cfg.model.width)
+    model = task.build_model(cfg)
     optimizer = make_optimizer(task.param_groups(model, cfg), cfg.optim)
-    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
     rates = []
-    for epoch in range(cfg.train.epochs):
-        batches = shuffled_batches(data, cfg.data.batch_size, generator)  # outside the timed pass
-        sums = train_one_epoch(task, model, optimizer, batches, cfg, torch.device("cpu"))
+    for _ in range(cfg.train.epochs):
+        batches = shuffled_batches(task, decoded, cfg, augment, rng)  # outside the timed pass
+        sums = train_one_epoch(task, model, optimizer, timed_batches(task, batches, cfg, augment, rng), cfg,
+                               torch.device("cpu"))
         rates.append(sums.examples / sums.seconds)
-        log.info("plain epoch %d: %.1f examples/sec", epoch + 1, rates[-1])
-    return Result(f"plain PyTorch ({when})", 1, threads, rates, time.perf_counter() - started)
+    kind = "plain + augment" if augment else "plain, no augment"
+    log.info("%s, %d threads (%s): examples/sec per epoch %s", kind, threads, when, [round(r, 1) for r in rates])
+    return Result(f"{kind}, {when}", threads, rates, time.perf_counter() - started)
 
 
 def cpus_per_worker(cpus: int, workers: int) -> float:
@@ -117,55 +139,95 @@ def bench_ray_train(cfg: Config, workers: int, cpus: int, tracking_uri: str, sto
                      key=lambda m: m.step)
     rates = [m.value for m in history]
     label = f"Ray Train, {workers} worker(s) x {cfg.scaling.cpus_per_worker:g} CPU"
-    if threads:
-        label += f", {threads} torch threads"
+    label += f", {threads} torch threads" if threads else ", 1 torch thread"
     log.info("%s: examples/sec per epoch %s", label, [round(r, 1) for r in rates])
-    return Result(label, workers, threads or 1, rates, outcome.wall_seconds)
+    return Result(label, threads or 1, rates, outcome.wall_seconds)
+
+
+@dataclass
+class Anchor:
+    """A plain loop's best thread count, from its runs before and after Ray."""
+
+    label: str
+    threads: int
+    steady: float  # mean of the before and after runs' steady examples/sec at that thread count
+
+
+def best_anchor(runs: list[Result], label: str) -> Anchor:
+    by_threads: dict[int, list[float]] = {}
+    for run in runs:
+        by_threads.setdefault(run.threads, []).append(run.steady)
+    threads, rates = max(by_threads.items(), key=lambda item: sum(item[1]) / len(item[1]))
+    return Anchor(label, threads, sum(rates) / len(rates))
+
+
+def bench_task(task_name: str, args: argparse.Namespace, root: Path) -> tuple[list[list], str]:
+    DEMO_WRITERS[task_name](root / task_name, args.train_images, args.val_images)
+    overrides = [f"data.root={root / task_name}", f"train.epochs={args.epochs}"]
+    if args.batch_size:
+        overrides.append(f"data.batch_size={args.batch_size}")
+    cfg = load_config(task_name, overrides=overrides)
+    task = get_task(task_name)
+    decoded = decoded_split(task, cfg)
+    thread_counts = range(1, args.cpus + 1)
+
+    def plain_runs(when: str) -> list[Result]:
+        return [bench_plain(cfg, decoded, threads, augment, when)
+                for augment in (True, False) for threads in thread_counts]
+
+    plain = plain_runs("before Ray")
+    started = time.perf_counter()
+    connect(num_cpus=args.cpus)  # a local Ray as `raycv train` starts it
+    init_seconds = time.perf_counter() - started
+    try:
+        tracking_uri = f"sqlite:///{root / task_name / 'mlflow.db'}"
+        storage = str(root / task_name / "ray_results")
+        ray_runs = [bench_ray_train(cfg, workers, args.cpus, tracking_uri, storage, threads)
+                    for workers, threads in ((1, args.cpus), (2, 0), (1, 0))]
+    finally:
+        ray.shutdown()
+    plain += plain_runs("after Ray")
+    augmented = best_anchor([r for r in plain if r.label.startswith("plain + augment")], "plain + augment")
+    compute = best_anchor([r for r in plain if r.label.startswith("plain, no augment")], "plain, no augment")
+    rows = [[task_name, r.label, r.threads, r.rates[0], r.steady, r.rates[0] / r.steady, r.steady / augmented.steady,
+             r.steady / compute.steady, r.wall_seconds] for r in (*plain, *ray_runs)]
+    summary = (f"{task_name}: {args.train_images} training images x {args.epochs} epochs, batch "
+               f"{cfg.data.batch_size}/worker, Ray on {args.cpus} CPUs (Ray start-up {init_seconds:.2f} s, not in "
+               "wall s); "
+               f"anchors: {augmented.label} at {augmented.threads} threads {augmented.steady:.1f} ex/s, "
+               f"{compute.label} at {compute.threads} threads {compute.steady:.1f} ex/s.")
+    return rows, summary
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-images", type=int, default=1500, help="CIFAR-10 demo training images")
-    parser.add_argument("--val-images", type=int, default=500, help="CIFAR-10 demo test images (Ray's val pass)")
+    parser.add_argument("--tasks", default="cifar10,banana", help=f"comma-separated, of {', '.join(DEMO_WRITERS)}")
+    parser.add_argument("--train-images", type=int, default=1500, help="demo training images per task")
+    parser.add_argument("--val-images", type=int, default=300, help="demo validation images (Ray's val pass)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (>= 2: one steady-state epoch)")
     parser.add_argument("--batch-size", type=int, default=0, help="per-worker batch size (0: the config's)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (at least 2: workers + data)")
-    parser.add_argument("--plain-threads", type=int, default=1, help="torch intra-op threads of the plain loop")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.tasks.split(",")) - set(DEMO_WRITERS))
+    if unknown:
+        parser.error(f"--tasks: unknown {', '.join(unknown)} (choose from {', '.join(DEMO_WRITERS)})")
+    return args
 
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    rows, summaries = [], []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        root = Path(tmp)
-        demo_cifar.write(root, seed=0, n_train=args.train_images, n_test=args.val_images)
-        overrides = [f"data.root={root}", f"train.epochs={args.epochs}"]
-        if args.batch_size:
-            overrides.append(f"data.batch_size={args.batch_size}")
-        cfg = load_config("cifar10", overrides=overrides)
-        # The plain loop runs before and after Ray, so a change in load from other processes shows as a spread.
-        plain_before = bench_plain(cfg, args.plain_threads, "before Ray")
-        started = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
-        init_seconds = time.perf_counter() - started
-        log.info("ray.init: %.2f s", init_seconds)
-        try:
-            tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-            storage = str(root / "ray_results")
-            results = [bench_ray_train(cfg, workers, args.cpus, tracking_uri, storage, threads)
-                       for workers, threads in ((1, 0), (2, 0), (1, args.cpus))]
-        finally:
-            ray.shutdown()
-        plain_after = bench_plain(cfg, args.plain_threads, "after Ray")
-    plain_steady = (plain_before.steady + plain_after.steady) / 2
-    rows = [[r.label, r.threads, cfg.data.batch_size, r.rates[0], r.steady, r.steady / plain_steady,
-             r.wall_seconds] for r in (plain_before, plain_after, *results)]
+        for task_name in args.tasks.split(","):
+            task_rows, summary = bench_task(task_name, args, Path(tmp))
+            rows += task_rows
+            summaries.append(summary)
     print()
-    print(format_table(["run", "threads/worker", "batch/worker", "epoch 1 ex/s", "steady ex/s",
-                        "steady vs plain (mean)", "wall s"], rows))
-    print(f"\n{args.train_images} training images x {args.epochs} epochs, model width {cfg.model.width}, "
-          f"Ray on {args.cpus} CPUs; ray.init {init_seconds:.2f} s (not in wall s).")
+    print(format_table(["task", "run", "threads/worker", "epoch 1 ex/s", "steady ex/s", "epoch 1 / steady",
+                        "vs plain + augment", "vs plain, no augment", "wall s"], rows))
+    print()
+    print("\n".join(summaries))
 
 
 if __name__ == "__main__":

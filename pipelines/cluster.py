@@ -27,6 +27,8 @@ DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 MIN_WORKERS_KEPT = 8
 #: How long an idle worker over that limit lives on (Ray's default: 1 s).
 IDLE_WORKER_MS = 60_000
+#: Ray Train's switch for its preemption watcher (Ray Train passes it from the driver to its processes).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def worker_pool_config(cpus: float) -> dict[str, int]:
@@ -54,6 +56,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         _require_token_auth()
         # Inherited by every process of this local Ray: Ray Data's coordinators log each execution at INFO.
         logs.quiet_local_ray_environment()
+        # Ray Train's preemption watcher (one more actor process per run) polls for nodes being drained, which a
+        # local Ray has none of.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         # "local" starts a fresh instance even where `ray start` left a cluster running: no address means local.
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
         # workers' CPUs of a sweep trial that ASHA stopped are never released and the next trial waits forever.
@@ -62,6 +67,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
                            _system_config=worker_pool_config(num_cpus or os.cpu_count() or 1))
         log.info("started a local Ray with %s CPUs; dashboard http://%s", ray.cluster_resources().get("CPU"),
                  context.dashboard_url)
+    logs.filter_process_output()
     quiet_data_context()
 
 

@@ -96,6 +96,19 @@ def task_at(path: str) -> Task:
     return getattr(importlib.import_module(module), name)()
 
 
+@ray.remote(num_cpus=1)
+def _import_task(path: str) -> None:
+    task_at(path)
+
+
+def warm_map_workers(task: Task) -> None:
+    """Start importing ``task``'s module (torch, torchvision: ~8 s of CPU here) in as many of Ray's idle worker
+    processes as there are free CPUs, and return at once: while the driver opens the run and indexes the data, the
+    workers that will decode it get ready, instead of after the driver asks for the decode."""
+    for _ in range(int(ray.available_resources().get("CPU", 0))):
+        _import_task.remote(task_path(task))  # nothing waits for it: the decode that follows would import it too
+
+
 def _decode(batch: Batch, task: str, cfg: Config) -> Batch:
     return _drop_unkept(task_at(task).decode(batch, cfg))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 #: Set by ``raycv -v``; read by the driver-side code that configures Ray (and inherited by processes it starts).
@@ -27,6 +28,21 @@ KNOWN_NOISE = (
 #: The loggers those warnings come from, in the driver's process.
 NOISY_LOGGERS = ("ray.data._internal.progress", "ray.data.dataset",
                  "ray._private.authentication.authentication_token_setup")
+#: Lines of Ray's processes, forwarded to the driver's console, that say nothing to a raycv user, by a part of their
+#: text; dropped from the console (not from Ray's log files) unless -v is given:
+KNOWN_PROCESS_NOISE = (
+    # Ray Train 2.60's controller about the preemption watcher actor Ray Train itself creates (a C++ log line)
+    "has constructor arguments in the object store and max_restarts > 0",
+    # Ray Train's placement-group cleaner, after every run of a sweep trial
+    "Cleaning up placement group",
+)
+#: A traceback Ray 2.60 prints when it ends a finished sweep trial's process during garbage collection: a batch of
+#: lines from one process that starts with the first and holds the second.
+SHUTDOWN_TRACEBACK = ("Exception ignored in:", "in sigterm_handler")
+#: Ray Train settings a run's driver hands its controller and workers (Ray Train passes these on): a worker's
+#: print() goes to its stdout only. Ray Train's own print patch also logged it, with an empty line after each
+#: progress-bar update of rank 0: three empty console lines per epoch.
+TRAIN_ENVIRONMENT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 #: Ray Data's logging config for the processes of a local Ray (``RAY_DATA_LOGGING_CONFIG``): its own default, with
 #: the console dropping :data:`KNOWN_NOISE`.
 RAY_DATA_LOGGING_CONFIG = Path(__file__).with_name("ray_data_logging.yaml")
@@ -73,16 +89,60 @@ def quiet_local_ray_environment() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
+def quiet_train_environment() -> None:
+    """:data:`TRAIN_ENVIRONMENT` in this driver's environment, for the Ray Train run it is about to start."""
+    for name, value in TRAIN_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
+def worth_showing(lines: list[str]) -> list[str]:
+    """The lines of one batch of a Ray process's output that the console shows without -v."""
+    if lines and lines[0].startswith(SHUTDOWN_TRACEBACK[0]) and any(SHUTDOWN_TRACEBACK[1] in line for line in lines):
+        return []
+    return [line for line in lines if not any(noise in line for noise in KNOWN_PROCESS_NOISE)]
+
+
+def filter_process_output() -> None:
+    """Drop :data:`KNOWN_PROCESS_NOISE` from the output of Ray's processes that this driver prints, unless -v.
+
+    Ray prints its processes' lines on the driver through one handler, ``ray_print_logs``, of its (private)
+    standard-stream dispatcher; this wraps that handler once. Where Ray has no such handler (another Ray version),
+    the console keeps every line.
+    """
+    if verbose():
+        return
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handler, "raycv_filter", False):
+            continue
+
+        def filtered(data: dict, handler=handler) -> None:
+            lines = worth_showing(list(data.get("lines", [])))
+            if lines:
+                handler({**data, "lines": lines})
+
+        filtered.raycv_filter = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
+
+
 def quiet_worker_loggers(verbose: bool) -> None:
-    """In a Ray Train worker: Ray Train's per-report lines and MLflow's system-metrics notices only with -v.
+    """In a Ray Train worker: Ray Train's per-report lines, Ray Data's execution lines (a single worker runs its
+    splits' executions in its own process), MLflow's system-metrics notices and torch's warning about read-only
+    input arrays only with -v.
 
     Ray 2.60 logs "Reporting training result ..." under a logger named by its source file, which Ray Train's own
     ``LoggingConfig`` level does not reach.
     """
     from ray.train.v2._internal.execution import context as train_context
 
+    if not verbose:
+        # Ray Data hands a worker that reads a whole split itself read-only arrays of the object store without a
+        # copy; torch warns once that writing into such a tensor is undefined, and raycv's steps never do.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     level = logging.INFO if verbose else logging.WARNING
-    for name in (train_context.__file__, "mlflow.system_metrics"):
+    for name in (train_context.__file__, "ray.data", "mlflow.system_metrics"):
         logging.getLogger(name).setLevel(level)
 
 

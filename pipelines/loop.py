@@ -144,26 +144,30 @@ def start_worker(config: dict[str, Any]) -> WorkerRun:
 
 def train_epoch(run: WorkerRun, epoch: int) -> PassSums:
     """This worker's training pass over its shard of the train split, with rank 0's progress bar; the first step
-    of the attempt logs the augmented-inputs picture (and, on a fresh run, marks where start-up ended)."""
+    of the attempt is kept for the augmented-inputs picture (and, on a fresh run, marks where start-up ended),
+    which rank 0 draws and logs after the pass, outside the epoch's examples/sec."""
     cfg, epochs = run.cfg, run.cfg.train.epochs
     batch_size = cfg.data.batch_size
-
-    def preview(batch: TensorBatch) -> None:
-        if not run.resumed:
-            run.logger.mark({FIRST_STEP_TAG: f"{time.time():.3f}"})
-        run.logger.image(run.task.render_inputs(_to_numpy(batch), cfg), "plots/train_augmented.png")
+    first: list[tuple[float, TensorBatch]] = []
 
     batches = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=batch_size, device=run.device, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size)
     bar = EpochProgress(epoch, epochs, steps_per_epoch(run.config["train_rows"], run.world, batch_size)) \
         if run.rank == 0 else None
     try:
-        return train_one_epoch(run.task, run.model, run.optimizer, batches, cfg, run.device,
-                               on_first_batch=preview if epoch == run.start_epoch and run.rank == 0 else None,
-                               on_step=bar.step if bar else None)
+        sums = train_one_epoch(
+            run.task, run.model, run.optimizer, batches, cfg, run.device,
+            on_first_batch=(lambda batch: first.append((time.time(), {k: v.clone() for k, v in batch.items()})))
+            if epoch == run.start_epoch and run.rank == 0 else None,
+            on_step=bar.step if bar else None)
     finally:
         if bar:
             bar.close()
+    for first_step_at, batch in first:
+        if not run.resumed:
+            run.logger.mark({FIRST_STEP_TAG: f"{first_step_at:.3f}"})
+        run.logger.image(run.task.render_inputs(_to_numpy(batch), cfg), "plots/train_augmented.png")
+    return sums
 
 
 def validate(run: WorkerRun, keep: list[TensorBatch] | None = None) -> PassSums:

@@ -96,6 +96,7 @@ class TrainRunner:
         from mlflow.tracking import MlflowClient
 
         from pipelines.cluster import connect
+        from pipelines.data import warm_map_workers
         from pipelines.report import print_summary, seconds_line
         from pipelines.tracking import LATEST_ALIAS, registered_name
         from pipelines.train import resume_run_id, run_training
@@ -107,6 +108,7 @@ class TrainRunner:
         self.preflight(cfg, request.tracking_uri)
         phases["checks"] = time.perf_counter() - started
         connect(request.address)
+        warm_map_workers(get_task(task))
         phases["Ray"] = time.perf_counter() - started - phases["checks"]
         outcome = run_training(cfg, request.tracking_uri, resume=resume, storage=request.storage,
                                register_alias=LATEST_ALIAS)

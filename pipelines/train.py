@@ -306,10 +306,13 @@ def run_training(
                 logging_config=LoggingConfig(log_level=logs.ray_log_level()),
             ),
             datasets={"train": train.dataset, "val": val.dataset},
-            dataset_config=DataConfig(datasets_to_split="all"),
+            # One worker reads each whole split itself: splitting it would start a coordinator actor per split
+            # (a new process importing Ray Data) for nothing.
+            dataset_config=DataConfig(datasets_to_split="all" if cfg.scaling.workers > 1 else []),
         )
         phases["data pipelines"] = time.perf_counter() - started - sum(phases.values())
         fit_started = time.time()
+        logs.quiet_train_environment()
         with _sigint_handler_restored():
             result = trainer.fit()
         phases.update(_fit_phases(client, run_id, fit_started, time.time()))

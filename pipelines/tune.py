@@ -73,6 +73,32 @@ def search_space(cfg: TaskConfig) -> dict[str, Any]:
     return space
 
 
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class TrialLines(tune.Callback):
+    """One console line per trial as it starts (its sampled values), ends (its last metric, at which of its reports:
+    fewer than a full run's when the scheduler stopped it) or fails: what raycv shows of a sweep instead of Tune's
+    status tables, which ``-v`` brings back."""
+
+    def __init__(self, metric: str, max_reports: int, report_unit: str) -> None:
+        self.metric, self.max_reports, self.report_unit = metric, max_reports, report_unit
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        sampled = ", ".join(f"{path}={_short(value)}" for path, value in trial.config["sampled"].items())
+        log.info("trial %s started: %s", trial.trial_id, sampled)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        log.info("trial %s ended at %s %d of %d: %s=%s", trial.trial_id, self.report_unit,
+                 result.get("training_iteration", 0), self.max_reports, self.metric,
+                 _short(result.get(self.metric, float("nan"))))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log.warning("trial %s failed (the sweep's summary has its error)", trial.trial_id)
+
+
 def make_scheduler(name: str, max_epochs: int) -> TrialScheduler:
     if name == "asha":
         # Rungs at epochs 1, 2, 4, ...: a trial in the bottom half of its rung stops there.
@@ -117,8 +143,9 @@ def train_sweep_plan(cfg: TaskConfig) -> SweepPlan:
     stopped at once, which would cut off its last epoch's model logging; the rungs stay the same."""
     task = get_task(cfg.task)
     return SweepPlan(trainable=sweep_trial, resources={"CPU": TRIAL_DRIVER_CPUS}, metric=task.metric,
-                     mode=task.metric_mode, max_t=cfg.train.epochs + 1, register_model=True,
-                     train_scaling=cfg.scaling, shared=shared_weights, resolve=task.resolve_for_workers)
+                     mode=task.metric_mode, max_t=cfg.train.epochs + 1, full_reports=cfg.train.epochs,
+                     register_model=True, train_scaling=cfg.scaling, shared=shared_weights,
+                     resolve=task.resolve_for_workers)
 
 
 def fitting_concurrency(requested: int, train_scaling: ScalingSection | None, cluster_cpus: float,
@@ -210,8 +237,11 @@ def run_sweep(
                     metric=plan.metric, mode=plan.mode, num_samples=num_samples,
                     scheduler=make_scheduler(scheduler, plan.max_t), max_concurrent_trials=max_concurrent,
                 ),
-                # 1: the status table of sampled hyperparameters and metrics; 2 (-v) adds every trial's whole config
-                run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=2 if logs.verbose() else 1),
+                # Tune's own status tables only with -v; else one line per trial start and end (TrialLines)
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage_path, verbose=2 if logs.verbose() else 0,
+                    callbacks=[] if logs.verbose() else [TrialLines(plan.metric, plan.full_reports or plan.max_t,
+                                                                      plan.report_unit)]),
             )
         results = tuner.fit()
     except BaseException:

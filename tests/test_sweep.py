@@ -4,6 +4,7 @@ runs and the registry are right, and a sweep whose driver is killed resumes with
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,21 @@ def test_parent_run_artifacts_and_registered_best_model(interrupted_then_resumed
     version = client.get_model_version_by_alias(f"raycv-{TASK}", "best")
     assert version.run_id == best_run
     assert "best val_acc" in output
+
+
+def test_console_has_one_line_per_trial_event(interrupted_then_resumed_sweep):
+    """The resumed sweep's console: each trial it runs starts and ends in one line (sampled values; the metric, at
+    which epoch), instead of Tune's status tables of whole configs."""
+    client, parent, finished_before, output = interrupted_then_resumed_sweep
+    assert "Trial status" not in output and "tracking_uri" not in output
+    assert "execution finished" not in output  # Ray Data's INFO lines, from the trials' workers
+    started = dict(re.findall(r"trial (\S+) started: (optim\.lr=\S+)", output))
+    ended = {trial: int(epoch) for trial, epoch in re.findall(rf"trial (\S+) ended at epoch (\d) of {EPOCHS}: val_acc=",
+                                                             output)}
+    # Tune reruns a trial whose end it had not recorded when its driver was killed, though MLflow has the run.
+    unfinished = {r.data.tags["raycv.trial_id"] for r in tracking.child_runs(client, parent)} - set(finished_before)
+    assert unfinished <= set(started) == set(ended), output[-4000:]
+    assert min(ended.values()) < EPOCHS, ended  # ASHA stopped one
 
 
 def test_sweep_released_its_resources(interrupted_then_resumed_sweep):
