@@ -118,9 +118,14 @@ def bench_plain(cfg: Config, decoded: Batch, threads: int, augment: bool, when: 
         sums = train_one_epoch(task, model, optimizer, timed_batches(task, batches, cfg, augment, rng), cfg,
                                torch.device("cpu"))
         rates.append(sums.examples / sums.seconds)
-    kind = "plain + augment" if augment else "plain, no augment"
-    log.info("%s, %d threads (%s): examples/sec per epoch %s", kind, threads, when, [round(r, 1) for r in rates])
-    return Result(f"{kind}, {when}", threads, rates, time.perf_counter() - started)
+    log.info("%s, %d threads (%s): examples/sec per epoch %s", plain_kind(augment), threads, when,
+             [round(r, 1) for r in rates])
+    return Result(f"{plain_kind(augment)}, {when}", threads, rates, time.perf_counter() - started)
+
+
+def plain_kind(augment: bool) -> str:
+    """The name of a plain-loop anchor: with the training augmentation in its timed loop, or without any."""
+    return "plain + augment" if augment else "plain, no augment"
 
 
 def cpus_per_worker(cpus: int, workers: int) -> float:
@@ -171,11 +176,10 @@ def bench_task(task_name: str, args: argparse.Namespace, root: Path) -> tuple[li
     decoded = decoded_split(task, cfg)
     thread_counts = range(1, args.cpus + 1)
 
-    def plain_runs(when: str) -> list[Result]:
-        return [bench_plain(cfg, decoded, threads, augment, when)
-                for augment in (True, False) for threads in thread_counts]
+    def plain_runs(augment: bool, when: str) -> list[Result]:
+        return [bench_plain(cfg, decoded, threads, augment, when) for threads in thread_counts]
 
-    plain = plain_runs("before Ray")
+    plain = {augment: plain_runs(augment, "before Ray") for augment in (True, False)}
     started = time.perf_counter()
     connect(num_cpus=args.cpus)  # a local Ray as `raycv train` starts it
     init_seconds = time.perf_counter() - started
@@ -186,11 +190,11 @@ def bench_task(task_name: str, args: argparse.Namespace, root: Path) -> tuple[li
                     for workers, threads in ((1, args.cpus), (2, 0), (1, 0))]
     finally:
         ray.shutdown()
-    plain += plain_runs("after Ray")
-    augmented = best_anchor([r for r in plain if r.label.startswith("plain + augment")], "plain + augment")
-    compute = best_anchor([r for r in plain if r.label.startswith("plain, no augment")], "plain, no augment")
+    for augment, runs in plain.items():
+        runs.extend(plain_runs(augment, "after Ray"))
+    augmented, compute = (best_anchor(plain[augment], plain_kind(augment)) for augment in (True, False))
     rows = [[task_name, r.label, r.threads, r.rates[0], r.steady, r.rates[0] / r.steady, r.steady / augmented.steady,
-             r.steady / compute.steady, r.wall_seconds] for r in (*plain, *ray_runs)]
+             r.steady / compute.steady, r.wall_seconds] for r in (*plain[True], *plain[False], *ray_runs)]
     summary = (f"{task_name}: {args.train_images} training images x {args.epochs} epochs, batch "
                f"{cfg.data.batch_size}/worker, Ray on {args.cpus} CPUs (Ray start-up {init_seconds:.2f} s, not in "
                "wall s); "

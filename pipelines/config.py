@@ -96,11 +96,10 @@ def merge(cfg: dict, partial: dict, source: str, prefix: str = "") -> None:
 
 def file_sets(config_file: str | Path, path: str) -> bool:
     """Whether the partial YAML ``config_file`` gives a value for dotted ``path`` (e.g. ``train.amp``)."""
-    node: Any = _read_yaml(Path(config_file))
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
+    try:
+        get_path(_read_yaml(Path(config_file)), path)
+    except (KeyError, TypeError):
+        return False
     return True
 
 

@@ -357,5 +357,5 @@ def sweep_plan(cfg: TaskConfig) -> SweepPlan:
     if cfg.scaling.gpus_per_worker:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return SweepPlan(trainable=style_trial, resources=resources, metric=METRIC, mode="min", max_t=reports,
-                     register_model=False, log_extras=log_contact_sheet, resolve=with_absolute_pairs,
-                     report_unit="report")
+                     full_reports=reports, register_model=False, log_extras=log_contact_sheet,
+                     resolve=with_absolute_pairs, report_unit="report")

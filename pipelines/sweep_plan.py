@@ -28,6 +28,7 @@ class SweepPlan:
     metric: str
     mode: str  # "max" or "min"
     max_t: int  # ASHA's budget in reports: at least those of a trial that runs to its end
+    full_reports: int  # reports of a trial that runs to its end (the sweep's console lines say "N of full_reports")
     register_model: bool  # whether trials log a model for the Model Registry
     #: extra artifacts on the parent run: (client, parent_run_id, trial rows, searched config paths)
     log_extras: Callable[[MlflowClient, str, list[dict[str, Any]], list[str]], None] | None = None
@@ -37,10 +38,8 @@ class SweepPlan:
     shared: Callable[[TaskConfig, str], dict[str, Any]] | None = None
     #: the base config with what trials would read from the dataset resolved on the driver (trials run on any node)
     resolve: Callable[[TaskConfig], TaskConfig] = lambda cfg: cfg
-    #: what one of a trial's reports to Tune stands for, and how many a trial that runs to its end makes (0:
-    #: ``max_t``), for the sweep's console lines
+    #: what one of a trial's reports to Tune stands for, in the sweep's console lines
     report_unit: str = "epoch"
-    full_reports: int = 0
 
 
 def trial_config(base: dict[str, Any], task_path: str, sampled: dict[str, Any]) -> TaskConfig:

@@ -240,8 +240,7 @@ def run_sweep(
                 # Tune's own status tables only with -v; else one line per trial start and end (TrialLines)
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage_path, verbose=2 if logs.verbose() else 0,
-                    callbacks=[] if logs.verbose() else [TrialLines(plan.metric, plan.full_reports or plan.max_t,
-                                                                      plan.report_unit)]),
+                    callbacks=[] if logs.verbose() else [TrialLines(plan.metric, plan.full_reports, plan.report_unit)]),
             )
         results = tuner.fit()
     except BaseException:

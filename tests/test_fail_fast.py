@@ -203,7 +203,7 @@ def _record(tmp_path, results):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = tracking.create_run(client, "hotdog", load_config("hotdog"), tags={"raycv.kind": "sweep"})
     plan = tune.SweepPlan(trainable=lambda c: None, resources={}, metric="val_acc", mode="max", max_t=2,
-                          register_model=False)
+                          full_reports=2, register_model=False)
     outcome = tune._record_trials(client, plan, parent, "/x", results, {"optim.lr": None})
     return client, parent, outcome
 
