@@ -294,17 +294,22 @@ class Bench:
     sides: dict[str, Side] = field(default_factory=dict)
 
 
+#: This benchmark measures Ray Data decoding *and augmenting* against a DataLoader doing both, so Ray Data augments
+#: here whatever ``data.augment_on`` picks for training on this machine.
+IN_PIPELINE = "data.augment_on=pipeline"
+
+
 def dataset_configs(name: str, base: Path, scale: Scale, args: argparse.Namespace) -> tuple[Config, Config, str]:
     """(config, warm-up config, description) of one dataset; writes the data (and a tiny copy) if needed."""
     if name == "cifar10":
         def config(root: Path) -> Config:
-            return load_config("cifar10", overrides=[f"data.root={root}"])
+            return load_config("cifar10", overrides=[f"data.root={root}", IN_PIPELINE])
         return (config(cifar_root(base, scale.cifar_train)), config(cifar_root(base, WARM_UP_IMAGES, seed=1)),
                 "32x32 pickled rows, flip")
     if name == "hotdog":
         def config(root: Path) -> Config:
             return load_config("hotdog", overrides=[f"data.root={root}", f"augment.size={args.hotdog_size}",
-                                                    f"augment.resize_size={args.hotdog_resize}"])
+                                                    f"augment.resize_size={args.hotdog_resize}", IN_PIPELINE])
         return (config(hotdog_root(base, scale.hotdog_per_class)), config(hotdog_root(base, WARM_UP_IMAGES // 2, 1)),
                 f"PNG, crop {args.hotdog_size}")
     if name == "voc":
@@ -312,7 +317,7 @@ def dataset_configs(name: str, base: Path, scale: Scale, args: argparse.Namespac
 
         def config(root: Path) -> Config:
             return load_config("voc", overrides=[f"data.root={root}", f"augment.crop_size=[{crop[0]}, {crop[1]}]",
-                                                 "augment.small=pad"])
+                                                 "augment.small=pad", IN_PIPELINE])
         return (config(voc_root(base, scale.voc_images, scale.voc_sides)),
                 config(voc_root(base, WARM_UP_IMAGES, scale.voc_sides, seed=1)),
                 f"JPEG+PNG {scale.voc_sides[0]}-{scale.voc_sides[1]} px, crop {crop[0]}x{crop[1]}")

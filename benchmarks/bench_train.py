@@ -14,10 +14,16 @@ in the real format), the same model (``task.build_model``), optimizer and per-wo
 
   The anchor is the **fastest** thread count of each (on 2 cores usually 2 threads; reported, not assumed).
 - Ray Train: ``pipelines.train.run_training`` with 1 worker computing on ``--cpus`` torch threads
-  (``scaling.torch_threads``, as ``make demo`` runs single workers), with 2 DDP workers, and with 1 worker on
-  Ray's one thread; Ray Data decodes once into the object store and augments every epoch in its own tasks, MLflow
-  tracking to a temp sqlite store; examples/sec are the ``examples_per_sec`` the loop reports per epoch (training
-  pass only), read back from MLflow. Workers reserve at most 1 CPU each and leave 1 of the ``--cpus`` to Ray Data.
+  (``scaling.torch_threads``, as ``make demo`` runs single workers), augmenting in the worker (``data.augment_on:
+  worker``, the CPU default) and in Ray Data's tasks (``pipeline``), and with 2 DDP workers augmenting in the
+  workers; Ray Data decodes once into the object store, MLflow tracking to a temp sqlite store; examples/sec are
+  the ``examples_per_sec`` the loop reports per epoch (training pass only), read back from MLflow. Workers
+  reserve at most 1 CPU each and leave 1 of the ``--cpus`` to Ray Data.
+
+The plain loop with augmentation also runs while the local Ray is up but idle, before the Ray runs: Ray's own
+processes (raylet, GCS, dashboard, agents) wake up many times a second, and on 2 cores each wake-up stalls a torch
+thread team. That anchor shows how much of the gap is the price of having Ray running at all; it is reported
+beside, not instead of, the anchor without Ray.
 
 Each plain loop runs before and after the Ray runs and the anchor uses the mean of the two, so a change in load
 from other processes shows as a spread. Epoch 1 is reported apart from the steady state (epochs 2+), and as a
@@ -135,18 +141,35 @@ def cpus_per_worker(cpus: int, workers: int) -> float:
     return min(1.0, (cpus - 1) / workers)
 
 
-def bench_ray_train(cfg: Config, workers: int, cpus: int, tracking_uri: str, storage: str, threads: int = 0) -> Result:
-    """``threads``: torch intra-op threads per worker (0: Ray's one thread for a worker of up to 1 CPU)."""
+def bench_ray_train(cfg: Config, run: RayRun, cpus: int, tracking_uri: str, storage: str) -> Result:
+    workers, threads = run.workers, run.threads
     cfg = cfg.with_values({"scaling.workers": workers, "scaling.cpus_per_worker": cpus_per_worker(cpus, workers),
-                           "scaling.torch_threads": threads})
+                           "scaling.torch_threads": threads, "data.augment_on": run.augment_on})
     outcome = run_training(cfg, tracking_uri, storage=storage)
     history = sorted(MlflowClient(tracking_uri).get_metric_history(outcome.run_id, EXAMPLES_KEY),
                      key=lambda m: m.step)
     rates = [m.value for m in history]
     label = f"Ray Train, {workers} worker(s) x {cfg.scaling.cpus_per_worker:g} CPU"
     label += f", {threads} torch threads" if threads else ", 1 torch thread"
+    label += f", augment in {run.augment_on}"
     log.info("%s: examples/sec per epoch %s", label, [round(r, 1) for r in rates])
     return Result(label, threads or 1, rates, outcome.wall_seconds)
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """One Ray Train configuration: ``threads``: torch intra-op threads per worker (0: Ray's one thread for a
+    worker of up to 1 CPU); ``augment_on``: ``data.augment_on``, where training batches are augmented."""
+
+    workers: int
+    threads: int
+    augment_on: str
+
+
+def ray_runs(cpus: int) -> tuple[RayRun, ...]:
+    """What runs on Ray: ``make demo``'s setting (1 worker on every CPU's thread) with augmentation in the worker
+    (the CPU default) and in Ray Data's tasks, and 2 DDP workers augmenting their own shards."""
+    return RayRun(1, cpus, "worker"), RayRun(1, cpus, "pipeline"), RayRun(2, 0, "worker")
 
 
 @dataclass
@@ -184,21 +207,24 @@ def bench_task(task_name: str, args: argparse.Namespace, root: Path) -> tuple[li
     connect(num_cpus=args.cpus)  # a local Ray as `raycv train` starts it
     init_seconds = time.perf_counter() - started
     try:
+        beside_ray = plain_runs(True, "beside an idle Ray")
         tracking_uri = f"sqlite:///{root / task_name / 'mlflow.db'}"
         storage = str(root / task_name / "ray_results")
-        ray_runs = [bench_ray_train(cfg, workers, args.cpus, tracking_uri, storage, threads)
-                    for workers, threads in ((1, args.cpus), (2, 0), (1, 0))]
+        ray_results = [bench_ray_train(cfg, run, args.cpus, tracking_uri, storage) for run in ray_runs(args.cpus)]
     finally:
         ray.shutdown()
     for augment, runs in plain.items():
         runs.extend(plain_runs(augment, "after Ray"))
     augmented, compute = (best_anchor(plain[augment], plain_kind(augment)) for augment in (True, False))
+    idle_ray = best_anchor(beside_ray, f"{plain_kind(True)} beside an idle Ray")
     rows = [[task_name, r.label, r.threads, r.rates[0], r.steady, r.rates[0] / r.steady, r.steady / augmented.steady,
-             r.steady / compute.steady, r.wall_seconds] for r in (*plain[True], *plain[False], *ray_runs)]
+             r.steady / idle_ray.steady, r.steady / compute.steady, r.wall_seconds]
+            for r in (*plain[True], *beside_ray, *plain[False], *ray_results)]
     summary = (f"{task_name}: {args.train_images} training images x {args.epochs} epochs, batch "
                f"{cfg.data.batch_size}/worker, Ray on {args.cpus} CPUs (Ray start-up {init_seconds:.2f} s, not in "
                "wall s); "
                f"anchors: {augmented.label} at {augmented.threads} threads {augmented.steady:.1f} ex/s, "
+               f"{idle_ray.label} at {idle_ray.threads} threads {idle_ray.steady:.1f} ex/s, "
                f"{compute.label} at {compute.threads} threads {compute.steady:.1f} ex/s.")
     return rows, summary
 
@@ -229,7 +255,7 @@ def main(argv: list[str]) -> None:
             summaries.append(summary)
     print()
     print(format_table(["task", "run", "threads/worker", "epoch 1 ex/s", "steady ex/s", "epoch 1 / steady",
-                        "vs plain + augment", "vs plain, no augment", "wall s"], rows))
+                        "vs plain + augment", "vs plain beside idle Ray", "vs plain, no augment", "wall s"], rows))
     print()
     print("\n".join(summaries))
 

@@ -67,10 +67,13 @@ DEFAULTS = {"voc": (VOC_SEGMENTATION_IMAGES, 300), "cifar10": (CIFAR_TRAIN_IMAGE
 
 
 def task_config(task: str, root: Path, crop: tuple[int, int], cache: str) -> Config:
+    # The augmented crops stream through the object store (Ray Data augments), the heavier of the two places.
     if task == "cifar10":
-        return load_config("cifar10", overrides=[f"data.root={root}", f"data.cache={cache}"])
+        return load_config("cifar10", overrides=[f"data.root={root}", f"data.cache={cache}",
+                                                 "data.augment_on=pipeline"])
     return load_config("voc", overrides=[
-        f"data.root={root}", f"data.cache={cache}", f"augment.crop_size=[{crop[0]}, {crop[1]}]",
+        f"data.root={root}", f"data.cache={cache}", "data.augment_on=pipeline",
+        f"augment.crop_size=[{crop[0]}, {crop[1]}]",
         "augment.small=pad",  # keep all 2,913 images whatever their size (d2l's filter would drop some)
     ])
 

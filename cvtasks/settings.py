@@ -96,6 +96,7 @@ class DataSection(Section):
     batch_size: int  # per worker
     eval_batch_size: int  # per worker
     cache: str  # auto | memory | stream
+    augment_on: str  # auto | worker | pipeline: where training batches are augmented (pipelines.data)
     skip_bad: bool  # skip (count and log) unreadable samples instead of failing on the first
 
 

@@ -5,9 +5,18 @@
                                           materialised once in the object store when the decoded split fits
                                           comfortably ("decode once"), else re-decoded while streaming with bounded
                                           memory
-    map_batches(task.augment)             fresh random augmentation on every pass (every epoch)
+    map_batches(task.augment)             fresh random augmentation on every pass (every epoch), in Ray tasks
+                                          (``data.augment_on: pipeline``), or in each training worker's own
+                                          process as it draws a batch (``worker``: ``pipelines.loop.augmented_batches``)
 
-Ray Train then splits the result across workers, which read their shard with ``iter_torch_batches``.
+Ray Train then splits the result across workers, which read their shard with ``iter_torch_batches`` (or, where
+they augment, ``iter_batches`` of the decoded arrays).
+
+Where augmentation runs (``data.augment_on``, :func:`augments_in_worker`): ``auto`` picks the worker when training
+computes on CPUs and the pipeline when it has GPUs. On CPUs the workers' torch threads already occupy the cores, and
+augment tasks beside them only compete for those cores, copy float32 crops through the object store and, in epoch 1,
+start processes that import torch (benchmarks/bench_train.py measures both places side by side). A GPU worker's
+CPU is free while the GPU computes, and augmenting there would stall the GPU: the pipeline augments on other CPUs.
 
 Throughput (benchmarks/bench_data.py): each epoch re-runs only the augment map over the cached blocks, so the per-epoch
 cost is dominated by Ray's per-task and per-execution overhead on small in-memory datasets. The split is therefore cut
@@ -113,11 +122,23 @@ def _decode(batch: Batch, task: str, cfg: Config) -> Batch:
     return _drop_unkept(task_at(task).decode(batch, cfg))
 
 
-def _augment(batch: Batch, task: str, cfg: Config, train: bool) -> Batch:
-    # A new unseeded generator on every call: each epoch re-executes this map, so augmentation is fresh each epoch.
+def augment_batch(batch: Batch, task: str, cfg: Config, train: bool,
+                  rng: np.random.Generator | None = None) -> Batch:
+    """``task``'s augmentation of a decoded batch, only its tensor keys kept. Without ``rng`` a new unseeded
+    generator on every call: each epoch re-executes the pipeline's augment map, so augmentation is fresh each epoch."""
     found = task_at(task)
-    out = found.augment(batch, train, cfg, np.random.default_rng())
+    out = found.augment(batch, train, cfg, rng if rng is not None else np.random.default_rng())
     return {key: out[key] for key in found.tensor_keys}
+
+
+def augments_in_worker(cfg: Config) -> bool:
+    """Whether the training workers augment their batches themselves (``data.augment_on``; see the module doc)."""
+    place = cfg.data.augment_on
+    if place == "auto":
+        return cfg.scaling.gpus_per_worker == 0
+    if place in ("worker", "pipeline"):
+        return place == "worker"
+    raise ValueError(f'Unknown data.augment_on "{place}": use auto, worker or pipeline')
 
 
 def _drop_unkept(batch: Batch) -> Batch:
@@ -154,7 +175,7 @@ def row_bytes(task: Task, cfg: Config, index: pd.DataFrame) -> RowBytes:
     kept = len(next(iter(decoded.values())))
     if not kept:  # every probe row dropped: the decoded size is the best guess left
         return RowBytes(decoded_per_row, decoded_per_row)
-    augmented = _augment(decoded, task_path(task), cfg, train=False)
+    augmented = augment_batch(decoded, task_path(task), cfg, train=False)
     return RowBytes(decoded_per_row, sum(_nbytes(v) for v in augmented.values()) / kept)
 
 
@@ -217,9 +238,10 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     estimate = int(sizes.decoded * len(index))
     cached = should_cache(cfg.data.cache, estimate, store)
     log.info(
-        "%s/%s: %d samples, ~%.1f MB decoded -> %s (blocks <= %.0f MB: %d rows per decode batch, %d per augment)",
+        "%s/%s: %d samples, ~%.1f MB decoded -> %s, augmented %s (blocks <= %.0f MB: %d rows per decode batch)",
         task.name, split, len(index), estimate / 1e6, "cached in object store" if cached else "streamed",
-        max_block / 1e6, decode_rows, augment_rows,
+        "by the training workers" if augments_in_worker(cfg) else f"in Ray tasks, {augment_rows} rows per batch",
+        max_block / 1e6, decode_rows,
     )
     if cached:
         ds = ds.materialize()
@@ -229,10 +251,11 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
                     len(index))
     if train:
         ds = ds.randomize_block_order()
-    ds = ds.map_batches(
-        _augment,
-        fn_kwargs={"task": task_path(task), "cfg": cfg, "train": train},
-        batch_format="numpy",
-        batch_size=augment_rows,
-    )
+    if not augments_in_worker(cfg):
+        ds = ds.map_batches(
+            augment_batch,
+            fn_kwargs={"task": task_path(task), "cfg": cfg, "train": train},
+            batch_format="numpy",
+            batch_size=augment_rows,
+        )
     return SplitData(dataset=ds, rows=len(index) - (skipped or 0), cached=cached, skipped=skipped, digest=digest)

@@ -19,8 +19,7 @@ from pipelines.plots import learning_curves
 
 log = logging.getLogger(__name__)
 
-#: Seconds between samples of the system metrics (MLflow's default 10 s logs nothing for a run that trains for less:
-#: the monitor only publishes after a whole interval).
+#: Seconds between samples of the system metrics (MLflow's default is 10 s).
 SYSTEM_METRICS_SECONDS = 5.0
 #: Validation inputs in the logged model's input example (one: a 224 px image is already ~1.5 MB of JSON).
 EXAMPLE_ROWS = 1
@@ -34,7 +33,12 @@ FIRST_STEP_TAG = "raycv.first_step_at"
 @contextlib.contextmanager
 def system_metrics(tracking_uri: str, run_id: str, rank: int, world: int, resumed: bool) -> Any:
     """MLflow's system metrics (CPU, memory, disk, network; GPU where present) of this worker's machine while it
-    trains, under ``system/rank<N>/`` when there are several workers; a restarted attempt continues their steps."""
+    trains, under ``system/rank<N>/`` when there are several workers; a restarted attempt continues their steps.
+
+    MLflow's monitor publishes only whole intervals and drops the samples of the one under way when it stops, so a
+    run that trains for less than an interval (a 1-epoch demo-size run: under 5 s) would have none; the last, partial
+    interval is published here after it stops.
+    """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, node_id=f"rank{rank}" if world > 1 else None, resume_logging=resumed,
@@ -44,6 +48,10 @@ def system_metrics(tracking_uri: str, run_id: str, rank: int, world: int, resume
         yield
     finally:
         monitor.finish()
+        last = monitor.aggregate_metrics()
+        if last:
+            monitor.publish_metrics(last)
+            monitor.mlflow_logger.flush()
 
 
 class RunLogger:

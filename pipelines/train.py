@@ -36,7 +36,7 @@ from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Task
 from pipelines import failures, logs, tracking
 from pipelines.config import ConfigError, check_values
-from pipelines.data import build_split, should_cache, task_path
+from pipelines.data import augments_in_worker, build_split, should_cache, task_path
 from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
 from pipelines.run_logging import FIRST_STEP_TAG
 from pipelines.steps import lr_factor, make_optimizer
@@ -122,6 +122,7 @@ def check_config(cfg: TaskConfig) -> None:
     try:
         lr_factor(cfg.optim.schedule, 0, 1)
         should_cache(cfg.data.cache, 0, 0.0)
+        augments_in_worker(cfg)
         make_optimizer([{"params": [torch.zeros(1, requires_grad=True)]}], cfg.optim)
     except ValueError as exc:  # torch's own checks (e.g. "Invalid momentum value") raise ValueError too
         raise ConfigError(str(exc)) from None

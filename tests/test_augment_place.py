@@ -1,0 +1,79 @@
+"""Where training batches are augmented (``data.augment_on``): in the training worker's own process (the CPU
+default) or in Ray Data's tasks (the GPU default); both give the model the same arrays from the same draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cvtasks.demo import cifar as demo_cifar
+from cvtasks.tasks import get_task
+from pipelines.config import load_config
+from pipelines.data import augments_in_worker, build_split, task_path
+from pipelines.loop import augmented_batches
+from pipelines.train import run_training
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    demo_cifar.write(root, seed=0, n_train=80, n_test=40)
+    return root
+
+
+def _cfg(root, *overrides: str):
+    return load_config("cifar10", overrides=[f"data.root={root}", *overrides])
+
+
+@pytest.mark.parametrize("place, gpus, in_worker", [
+    ("auto", 0.0, True), ("auto", 1.0, False), ("worker", 1.0, True), ("pipeline", 0.0, False),
+])
+def test_auto_augments_in_the_worker_on_cpus_and_in_the_pipeline_with_gpus(place, gpus, in_worker):
+    cfg = load_config("cifar10", overrides=[f"data.augment_on={place}", f"scaling.gpus_per_worker={gpus}"])
+    assert augments_in_worker(cfg) is in_worker
+
+
+def test_worker_augments_with_the_tasks_own_augmentation_into_tensors(cifar_root):
+    cfg = _cfg(cifar_root)
+    task = get_task("cifar10")
+    index = task.index("train", cfg).head(16)
+    decoded = task.decode({col: index[col].to_numpy() for col in index.columns}, cfg)
+    halves = [{key: value[:8] for key, value in decoded.items()}, {key: value[8:] for key, value in decoded.items()}]
+    rng = np.random.default_rng(7)
+    expected = [task.augment(half, True, cfg, rng) for half in halves]
+
+    batches = list(augmented_batches(halves, task_path(task), cfg, True, np.random.default_rng(7),
+                                     torch.device("cpu")))
+
+    assert len(batches) == 2
+    for tensors, want in zip(batches, expected, strict=True):
+        assert sorted(tensors) == sorted(task.tensor_keys)
+        for key in task.tensor_keys:
+            assert isinstance(tensors[key], torch.Tensor)
+            np.testing.assert_array_equal(tensors[key].numpy(), want[key])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("place", ["worker", "pipeline"])
+def test_the_pipeline_hands_workers_decoded_or_augmented_rows(ray_cluster, cifar_root, place):
+    cfg = _cfg(cifar_root, f"data.augment_on={place}")
+    split = build_split(get_task("cifar10"), cfg, "train", train=True)
+    batch = next(iter(split.dataset.iter_batches(batch_size=8, batch_format="numpy")))
+    if place == "worker":  # CIFAR's decoded rows: uint8 HWC images, as the object store caches them
+        assert (batch["image"].dtype, batch["image"].shape[1:]) == (np.uint8, (32, 32, 3))
+    else:  # model-ready: normalised float32 CHW
+        assert (batch["image"].dtype, batch["image"].shape[1:]) == (np.float32, (3, 32, 32))
+
+
+@pytest.mark.slow
+def test_a_run_that_augments_in_the_pipeline_trains(ray_cluster, mlflow_server, cifar_root, tmp_path):
+    """The default runs of the other tests augment in the worker; this one trains through Ray Data's augment tasks."""
+    cfg = _cfg(cifar_root, "data.augment_on=pipeline", "train.epochs=2", "data.batch_size=16", "model.width=8")
+    outcome = run_training(cfg, mlflow_server.url, storage=str(tmp_path / "rr"))
+    run = MlflowClient(mlflow_server.url).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.augment_on"] == "pipeline"
+    history = MlflowClient(mlflow_server.url).get_metric_history(outcome.run_id, "train_loss")
+    assert len(history) == 2 and all(np.isfinite(m.value) for m in history)
