@@ -113,7 +113,7 @@ def detection_batch(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], a
             image, b = image[:, ::-1], hflip_boxes(b)
         out_images.append(image)
         out_boxes.append(b)
-    x = T.to_unit_float(np.stack(out_images))
+    pixels = np.stack(out_images)
     if train and any(v > 0 for v in aug.color.values()):
-        x = T.color_jitter(x, rng, **aug.color)
-    return T.to_nchw(x), pad_boxes(out_boxes, aug.max_objects)
+        pixels = T.color_jitter(T.to_unit_float(pixels), rng, **aug.color)
+    return T.to_input(pixels), pad_boxes(out_boxes, aug.max_objects)

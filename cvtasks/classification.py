@@ -91,13 +91,9 @@ def transform_images(images: np.ndarray | Sequence[np.ndarray], train: bool, cfg
         pixels = T.resize_center_crop(images, aug.resize_size, aug.size)
     if policy.flip:
         pixels = T.hflip(pixels, rng)
-    x = T.to_unit_float(pixels)
     if policy.color:
-        x = T.color_jitter(x, rng, **aug.color)
-    stats = normalization(cfg)
-    if stats is not None:
-        x = T.normalize(x, *stats)
-    return T.to_nchw(x)
+        pixels = T.color_jitter(T.to_unit_float(pixels), rng, **aug.color)
+    return T.to_input(pixels, *(normalization(cfg) or (None, None)))
 
 
 def display_images(images: np.ndarray | torch.Tensor, cfg: Config) -> np.ndarray:

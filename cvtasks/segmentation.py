@@ -20,24 +20,34 @@ from cvtasks import transforms as T
 PAD_COLOR = tuple(round(T.UINT8_MAX * m) for m in T.IMAGENET_MEAN)
 
 
-def window(
-    image: np.ndarray, mask: np.ndarray, top: int, left: int, size: tuple[int, int], ignore_index: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the (height, width) ``size`` window at (``top``, ``left``) out of an image and its mask.
+def window_into(image: np.ndarray, mask: np.ndarray, top: int, left: int, out_image: np.ndarray,
+                out_mask: np.ndarray, ignore_index: int) -> None:
+    """Write the window at (``top``, ``left``) of an image and its mask into ``out_image`` (uint8 (height, width, 3))
+    and ``out_mask`` ((height, width), any integer dtype); the outputs' size is the window's.
 
     The window may reach outside the image (negative origin, or beyond the far edge): those pixels are filled with
     ``PAD_COLOR`` in the image and ``ignore_index`` in the mask, so one primitive both crops and pads.
     """
-    height, width = size
-    out_image = np.empty((height, width, 3), dtype=np.uint8)
-    out_image[:] = PAD_COLOR
-    out_mask = np.full((height, width), ignore_index, dtype=np.uint8)
+    height, width = out_mask.shape
     src_top, src_left = max(top, 0), max(left, 0)
     src_bottom, src_right = min(top + height, image.shape[0]), min(left + width, image.shape[1])
-    if src_bottom > src_top and src_right > src_left:
+    inside = src_bottom > src_top and src_right > src_left
+    if not inside or (src_bottom - src_top, src_right - src_left) != (height, width):
+        out_image[:] = PAD_COLOR
+        out_mask[:] = ignore_index
+    if inside:
         dst = (slice(src_top - top, src_bottom - top), slice(src_left - left, src_right - left))
         out_image[dst] = image[src_top:src_bottom, src_left:src_right]
         out_mask[dst] = mask[src_top:src_bottom, src_left:src_right]
+
+
+def window(
+    image: np.ndarray, mask: np.ndarray, top: int, left: int, size: tuple[int, int], ignore_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (height, width) ``size`` window at (``top``, ``left``) of an image and its mask, as new uint8 arrays
+    (padded where it leaves the image: :func:`window_into`)."""
+    out_image, out_mask = np.empty((*size, 3), dtype=np.uint8), np.empty(size, dtype=np.uint8)
+    window_into(image, mask, top, left, out_image, out_mask, ignore_index)
     return out_image, out_mask
 
 
@@ -52,27 +62,33 @@ def random_origin(length: int, crop: int, rng: np.random.Generator) -> int:
     return int(rng.integers(low, high + 1))
 
 
+def random_crop_origin(shape: Sequence[int], size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+    """(top, left) of a uniformly random (height, width) crop of an image of ``shape`` (d2l's ``voc_rand_crop``)."""
+    return random_origin(shape[0], size[0], rng), random_origin(shape[1], size[1], rng)
+
+
+def center_crop_origin(shape: Sequence[int], size: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of the centred (height, width) crop, padding evenly where the image is smaller."""
+    return (shape[0] - size[0]) // 2, (shape[1] - size[1]) // 2
+
+
 def random_crop_pair(
     image: np.ndarray, mask: np.ndarray, size: tuple[int, int], rng: np.random.Generator, ignore_index: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The same random (height, width) crop rectangle of image and mask (d2l's ``voc_rand_crop``); pads if small."""
-    top = random_origin(image.shape[0], size[0], rng)
-    left = random_origin(image.shape[1], size[1], rng)
-    return window(image, mask, top, left, size, ignore_index)
+    return window(image, mask, *random_crop_origin(image.shape, size, rng), size, ignore_index)
 
 
 def center_crop_pair(
     image: np.ndarray, mask: np.ndarray, size: tuple[int, int], ignore_index: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic centred (height, width) crop of image and mask, padding evenly where the image is smaller."""
-    top = (image.shape[0] - size[0]) // 2
-    left = (image.shape[1] - size[1]) // 2
-    return window(image, mask, top, left, size, ignore_index)
+    return window(image, mask, *center_crop_origin(image.shape, size), size, ignore_index)
 
 
 def normalize_images(images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) standardised with the ImageNet mean and std."""
-    return T.to_nchw(T.normalize(T.to_unit_float(images)))
+    return T.to_input(images, T.IMAGENET_MEAN, T.IMAGENET_STD)
 
 
 def paired_batch(
@@ -84,18 +100,22 @@ def paired_batch(
     ``train``: the same random crop rectangle and the same horizontal flip (with ``hflip_prob``) for image and
     mask. Otherwise a deterministic centre crop. Either way, images smaller than ``size`` are padded
     (``PAD_COLOR`` / ``ignore_index``), so every batch stacks.
+
+    Each crop is written once, into the batch arrays (a flipped crop is the mirrored window of the mirrored image);
+    VOC's 320x480 crops make copies the main cost of this step.
     """
-    out_images, out_masks = [], []
-    for image, mask in zip(images, masks, strict=True):
+    height, width = size
+    crops = np.empty((len(images), height, width, 3), dtype=np.uint8)
+    out_masks = np.empty((len(images), height, width), dtype=np.int64)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
         if train:
-            image, mask = random_crop_pair(image, mask, size, rng, ignore_index)
+            top, left = random_crop_origin(image.shape, size, rng)
             if rng.random() < hflip_prob:
-                image, mask = image[:, ::-1], mask[:, ::-1]
+                image, mask, left = image[:, ::-1], mask[:, ::-1], image.shape[1] - left - width
         else:
-            image, mask = center_crop_pair(image, mask, size, ignore_index)
-        out_images.append(image)
-        out_masks.append(mask)
-    return normalize_images(np.stack(out_images)), np.stack(out_masks).astype(np.int64)
+            top, left = center_crop_origin(image.shape, size)
+        window_into(image, mask, top, left, crops[i], out_masks[i], ignore_index)
+    return normalize_images(crops), out_masks
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Batch image transforms in numpy, the torchvision way, and augmentation policies looked up by name.
 
 Formats: ``images`` are uint8 (N, H, W, 3) arrays, or a sequence of uint8 (H, W, 3) arrays of varying sizes where
-noted. Photometric steps work on float32 (N, H, W, 3) in [0, 1] (:func:`to_unit_float`); :func:`to_nchw` gives the
+noted. Photometric steps work on float32 (N, H, W, 3) in [0, 1] (:func:`to_unit_float`); :func:`to_input` gives the
 model's float32 (N, 3, H, W). Random steps draw from the ``np.random.Generator`` they are given.
 
 Geometric steps that resize go image by image through PIL with bilinear interpolation, exactly as torchvision's
@@ -52,15 +52,28 @@ def to_unit_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / UINT8_MAX
 
 
-def to_nchw(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) -> contiguous float32 (N, C, H, W)."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
+def to_input(images: np.ndarray, mean: Sequence[float] | None = None,
+             std: Sequence[float] | None = None) -> np.ndarray:
+    """uint8 (N, H, W, C), or float in [0, 1] -> the model's contiguous float32 (N, C, H, W), standardised as
+    ``(x - mean) / std`` per channel unless ``mean`` is None.
 
-
-def normalize(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """float (N, H, W, C) in [0, 1] -> (x - mean) / std per channel."""
-    return ((images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+    Scaling to [0, 1] and standardising fold into one divide and add per channel, written straight into the NCHW
+    output: two passes over it, where scaling, standardising and transposing one after another make five
+    full-size temporaries (the largest cost of VOC's augment, whose crops are 320x480). Without ``mean``, uint8 input
+    gives exactly ``ToTensor``'s ``x / 255``.
+    """
+    n, height, width, channels = images.shape
+    divisor = np.full(channels, UINT8_MAX if images.dtype == np.uint8 else 1.0)
+    shift = np.zeros(channels)
+    if mean is not None:
+        std_ = np.asarray(std, np.float64)
+        divisor, shift = divisor * std_, -np.asarray(mean, np.float64) / std_
+    out = np.empty((n, channels, height, width), np.float32)
+    for c in range(channels):
+        np.divide(images[..., c], np.float32(divisor[c]), out=out[:, c])
+        if shift[c]:
+            out[:, c] += np.float32(shift[c])
+    return out
 
 
 # --- colour jitter (float32 NHWC in [0, 1]; one factor per image) -------------------------------------------------

@@ -27,9 +27,10 @@ An index that carries the data itself (CIFAR's raw bytes) is cut into more block
 the block size (:func:`source_blocks`): ``from_pandas`` puts the whole index in the object store.
 
 At real scale (``benchmarks/bench_data.py --scale full``: 50,000 CIFAR images, 2,913 VOC-size JPEG + PNG pairs, 2
-CPUs) Ray's epochs are slower than a batched torch DataLoader's: CIFAR 1.72 s vs 0.72 s (a fixed ~0.95 s per epoch,
-and Ray Data's per-operator reservation mostly runs one augment task at a time), VOC 22.4 s vs 13.3 s (2.2 GB
-decoded does not fit the cache rule, so every epoch decodes and moves ~8.8 GB of crops through the object store);
+CPUs), what CPU training runs (augment in the loop) reads CIFAR 1.6x as fast as a batched torch DataLoader (0.58 s
+vs 0.94 s an epoch); augmenting in the pipeline's tasks is slower than the DataLoader: CIFAR 2.07 s (a fixed ~1 s
+per epoch, and Ray Data's per-operator reservation mostly runs one augment task at a time), VOC 17.6 s vs 15.4 s
+(2.2 GB decoded does not fit the cache rule, so every epoch decodes and moves its crops through the object store);
 the benchmark's docstring has the table and the measurements behind these reasons.
 """
 

@@ -74,18 +74,28 @@ def test_random_resized_crop_falls_back_to_torchvision_centre_crop(height, width
     assert mine == tuple(theirs)
 
 
-def test_normalisation_values_and_round_trip():
+def test_to_input_values_and_round_trip():
     mean, std = np.array(T.IMAGENET_MEAN, np.float32), np.array(T.IMAGENET_STD, np.float32)
     x = np.stack([np.broadcast_to(mean, (2, 2, 3)), np.ones((2, 2, 3), np.float32)])
-    out = T.normalize(x)
+    out = T.to_input(x, mean, std)
+    assert out.shape == (2, 3, 2, 2) and out.dtype == np.float32 and out.flags.c_contiguous
     assert np.allclose(out[0], 0.0, atol=1e-7)
-    assert np.allclose(out[1, 0, 0], (1 - mean) / std)  # e.g. red (1 - 0.485) / 0.229 = 2.2489
+    assert np.allclose(out[1, :, 0, 0], (1 - mean) / std)  # e.g. red (1 - 0.485) / 0.229 = 2.2489
     assert out[1, 0, 0, 0] == pytest.approx(2.2489, abs=1e-4)
     images = random_images(np.random.default_rng(0))
-    nchw = T.to_nchw(T.normalize(T.to_unit_float(images)))
+    nchw = T.to_input(images, T.IMAGENET_MEAN, T.IMAGENET_STD)
     assert nchw.shape == (4, 3, 9, 13) and nchw.dtype == np.float32
     assert np.array_equal(pictures.denormalize(nchw), images)
-    assert np.array_equal(pictures.denormalize(T.to_nchw(T.to_unit_float(images)), None, None), images)
+    assert np.array_equal(pictures.denormalize(T.to_input(images), None, None), images)
+
+
+def test_to_input_equals_torchvision_to_tensor_and_normalize():
+    images = random_images(np.random.default_rng(1))
+    theirs = torch.stack([TF.normalize(TF.to_tensor(image), T.IMAGENET_MEAN, T.IMAGENET_STD) for image in images])
+    assert np.allclose(T.to_input(images, T.IMAGENET_MEAN, T.IMAGENET_STD), theirs.numpy(), atol=1e-5)
+    unit = torch.stack([TF.to_tensor(image) for image in images]).numpy()
+    assert np.allclose(T.to_input(images), unit, atol=1e-7)
+    assert np.allclose(T.to_input(T.to_unit_float(images)), unit, atol=1e-7)  # float input: [0, 1] already
 
 
 def torchvision_per_image(fn, images, factors):

@@ -168,6 +168,23 @@ def test_paired_crop_and_flip_keep_image_and_mask_aligned():
     assert set(np.unique(column_step).tolist()) == {-1, 1}  # some crops flipped, some not
 
 
+def test_paired_batch_equals_crop_then_flip_image_by_image():
+    """The batch writes each (possibly mirrored) window in place: the same pixels, for the same draws, as cropping
+    each image, flipping the crop and normalising the stack."""
+    samples = [coordinate_sample(60, 90), coordinate_sample(30, 50), coordinate_sample(48, 64)] * 4
+    images, masks = seg.paired_batch([s[0] for s in samples], [s[1] for s in samples], CROP, train=True,
+                                     rng=np.random.default_rng(3), hflip_prob=0.5, ignore_index=255)
+    rng, crops, crop_masks = np.random.default_rng(3), [], []
+    for image, mask in samples:
+        image, mask = seg.random_crop_pair(image, mask, CROP, rng, 255)
+        if rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        crops.append(image)
+        crop_masks.append(mask)
+    np.testing.assert_array_equal(images, seg.normalize_images(np.stack(crops)))
+    np.testing.assert_array_equal(masks, np.stack(crop_masks).astype(np.int64))
+
+
 def test_eval_center_crop_is_deterministic_and_centred():
     image, mask = coordinate_sample(60, 90)
     out_image, out_mask = seg.center_crop_pair(image, mask, CROP, 255)

@@ -352,7 +352,7 @@ class BananaTask(Task):
         >= ``detect.score_threshold``, at most ``MAX_PREDICTED``."""
         names, size = class_names(cfg), cfg.augment.size
         images = [decode_rgb(storage.read_bytes(p), p) for p in paths]
-        inputs = torch.from_numpy(T.to_nchw(T.to_unit_float(np.stack([resize(im, size) for im in images]))))
+        inputs = torch.from_numpy(T.to_input(np.stack([resize(im, size) for im in images])))
         with torch.no_grad():
             found = detections(model.eval(), inputs, cfg)
         records, written = [], []
