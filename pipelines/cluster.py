@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from pipelines import logs
+from pipelines.failures import RunError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, logging_level=logs.ray_log_level())
+        try:
+            ray.init(address=address, log_to_driver=True, logging_level=logs.ray_log_level())
+        except ConnectionError as exc:
+            raise RunError(f"cannot connect to the Ray cluster at {address} ({str(exc).splitlines()[0]}): is it "
+                           "running? A cluster with token authentication (Ray's default) also needs "
+                           "RAY_AUTH_MODE=token in this shell and its token in $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH "
+                           "or ~/.ray/auth_token") from exc
         log.info("connected to Ray cluster at %s", address)
     else:
         _require_token_auth()

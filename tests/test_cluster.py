@@ -307,3 +307,18 @@ def test_ten_concurrent_job_submissions_all_succeed(ray_cluster, s3_env, s3_demo
         time.sleep(2)
     assert all(status == JobStatus.SUCCEEDED for status in statuses.values()), statuses
     assert all(jobs.get_job_logs(job).strip().endswith("ok") for job in job_ids)
+
+
+def test_a_shell_without_the_clusters_token_gets_one_line_not_a_traceback(ray_cluster, tmp_path):
+    """The cluster uses token auth; a shell without ``RAY_AUTH_MODE=token`` (or the token) cannot join it: raycv says
+    what to set, in one line, and exits 2."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    result = subprocess.run(
+        [str(BIN / "raycv"), "demo", "--address", ray_cluster.gcs_address, "--root", str(tmp_path / "demo"),
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"raycv: error: cannot connect to the Ray cluster at {ray_cluster.gcs_address}")
+    assert "RAY_AUTH_MODE=token" in last and "Traceback" not in result.stderr
