@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 from pathlib import Path
 
 import ray
@@ -30,6 +31,8 @@ MIN_WORKERS_KEPT = 8
 IDLE_WORKER_MS = 60_000
 #: Ray Train's switch for its preemption watcher (Ray Train passes it from the driver to its processes).
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+#: How long to wait for a cluster's address to accept a connection before saying nothing answers there.
+CONNECT_CHECK_SECONDS = 5
 
 
 def worker_pool_config(cpus: float) -> dict[str, int]:
@@ -51,6 +54,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _require_listener(address)
         try:
             ray.init(address=address, log_to_driver=True, logging_level=logs.ray_log_level())
         except ConnectionError as exc:
@@ -76,6 +80,19 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
                  context.dashboard_url)
     logs.filter_process_output()
     quiet_data_context()
+
+
+def _require_listener(address: str) -> None:
+    """Fail in one line when nothing listens at a ``host:port`` (or ``ray://host:port``) address: Ray itself would
+    retry for many minutes before giving up. Other forms (``auto``) are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_CHECK_SECONDS).close()
+    except OSError as exc:
+        raise RunError(f"cannot connect to the Ray cluster at {address}: nothing answers there ({exc}); start it "
+                       "(ray start --head) or fix --address / RAY_ADDRESS") from None
 
 
 def quiet_data_context() -> None:

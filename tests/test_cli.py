@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,18 @@ def test_channels_last_is_a_typed_boolean():
     with pytest.raises(ConfigError, match="train.channels_last must be a boolean"):
         _train_config("--set", "train.channels_last=1")
     assert isinstance(_train_config().train.channels_last, bool)
+
+
+def test_an_address_where_nothing_listens_fails_in_one_line(tmp_path):
+    """Ray would retry a dead address for many minutes; raycv checks that something answers there first."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    result = subprocess.run(
+        [str(BIN / "raycv"), "demo", "--address", f"127.0.0.1:{port}", "--root", str(tmp_path / "demo"),
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"raycv: error: cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers there")
+    assert not (tmp_path / "demo").exists()
