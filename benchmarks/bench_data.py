@@ -98,6 +98,7 @@ from pipelines.config import load_config
 from pipelines.data import augments_in_worker, build_split, task_path
 from pipelines.loop import SHUFFLE_BUFFER_BATCHES, augmented_batches
 from pipelines.report import format_table
+from pipelines.sweep_plan import trial_config
 
 log = logging.getLogger("bench_data")
 
@@ -272,7 +273,7 @@ def ray_side(task: Task, cfg: Config, label: str = RAY) -> Side:
 
 def augmenting_in_loop(cfg: Config) -> Config:
     """``cfg`` with ``data.augment_on: worker``: what training on CPUs runs."""
-    return type(cfg)({**cfg.raw, "data": {**cfg.raw["data"], "augment_on": "worker"}}, cfg.task_path)
+    return trial_config(cfg.raw, cfg.task_path, {"data.augment_on": "worker"})
 
 
 #: What the decode-limit pool's processes decode: dataset name -> (task, config, index columns), set before the fork.
