@@ -9,7 +9,7 @@ DataLoader workers = decode-limit processes):
   when they fit (``data.cache: auto``), else re-decoded while streaming; batch-vectorised augmentation every pass),
   read with ``iter_torch_batches`` as the training loop reads it (``pipelines.loop``: local shuffle buffer);
 - Ray Data, augment in loop: the same, but with ``data.augment_on: worker``, what training on CPUs runs: Ray Data
-  decodes (and caches), and the consumer augments each batch as it draws it (``pipelines.loop.augmented_batches``);
+  decodes (and caches), and the consumer augments each batch as it draws it (``pipelines.loop.read_batches``);
 - DataLoader per-sample: a map-style Dataset whose ``__getitem__`` decodes and augments one sample (torchvision
   style: nothing cached, every epoch decodes again), shuffled, default collate, persistent workers;
 - DataLoader batched: the same, but each ``__getitem__`` gets a whole shuffled batch of indices (a ``BatchSampler``
@@ -95,8 +95,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Config, Task
 from pipelines.config import load_config
-from pipelines.data import augments_in_worker, build_split, task_path
-from pipelines.loop import SHUFFLE_BUFFER_BATCHES, augmented_batches
+from pipelines.data import build_split, task_path
+from pipelines.loop import SHUFFLE_BUFFER_BATCHES, read_batches
 from pipelines.report import format_table
 from pipelines.sweep_plan import trial_config
 
@@ -260,13 +260,8 @@ def ray_side(task: Task, cfg: Config, label: str = RAY) -> Side:
         return RaySplit(split.dataset, split.cached)
 
     def epoch(split: RaySplit) -> int:
-        if not augments_in_worker(cfg):
-            return count_images(split.dataset.iter_torch_batches(batch_size=batch_size,
-                                                                 local_shuffle_buffer_size=shuffle_rows))
-        decoded = split.dataset.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                             local_shuffle_buffer_size=shuffle_rows)
-        return count_images(augmented_batches(decoded, task_path(task), cfg, True, np.random.default_rng(),
-                                              torch.device("cpu")))
+        return count_images(read_batches(split.dataset, task_path(task), cfg, True, np.random.default_rng(),
+                                         torch.device("cpu"), batch_size, shuffle_rows))
 
     return Side(label, setup, epoch)
 

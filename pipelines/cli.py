@@ -21,6 +21,8 @@ USER_ERRORS = (ConfigError, DataFormatError, DownloadError, RunError, ValueError
 
 log = logging.getLogger("raycv")
 
+ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else the Ray of `raycv cluster up`, else a new local Ray)"
+
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=task_names(), help="the workload: its config is pipelines/configs/TASK.yaml")
@@ -35,7 +37,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker")
     p.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--storage", help="Ray Train checkpoint storage (default: $RAYCV_STORAGE or ./ray_results)")
 
 
@@ -164,6 +166,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from pipelines import warm_cluster
+
+    if args.cluster_command == "up":
+        cluster, started = warm_cluster.up(args.num_cpus)
+        print(f"{'started' if started else 'already up:'} a local Ray for raycv at {cluster.address} with "
+              f"{cluster.cpus} CPUs, dashboard and job API {cluster.dashboard_url}")
+        print("raycv commands without --address (and $RAY_ADDRESS) join it; `raycv cluster down` stops it")
+    elif args.cluster_command == "status":
+        cluster = warm_cluster.recorded()
+        if cluster is None:
+            print("no raycv cluster is up (`raycv cluster up` starts one)")
+            return 1
+        if warm_cluster.running() is None:
+            print(f"the raycv cluster recorded in {warm_cluster.state_file()} at {cluster.address} does not answer; "
+                  "`raycv cluster down` clears it, `raycv cluster up` starts a new one")
+            return 1
+        print(f"up at {cluster.address} with {cluster.cpus} CPUs, dashboard and job API {cluster.dashboard_url}, "
+              f"logs in {cluster.temp_dir}/session_latest/logs")
+    else:
+        stopped = warm_cluster.down()
+        if stopped is None:
+            print("no raycv cluster was up")
+        else:
+            cluster, processes = stopped
+            print(f"stopped the raycv cluster at {cluster.address} ({processes} processes)")
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -215,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--root", default="data/demo", help="where the demo datasets are (re)used or written")
     demo_cmd.add_argument("--only", action="append", help="only these demo steps (repeatable), e.g. --only cifar10")
     demo_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    demo_cmd.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    demo_cmd.add_argument("--address", help=ADDRESS_HELP)
     demo_cmd.set_defaults(func=cmd_demo)
 
     style = sub.add_parser("stylize", help="neural style transfer, one Ray task per content/style pair, in MLflow")
@@ -232,8 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     style.add_argument("--gpus-per-worker", type=float, help="GPUs per pair (0 = CPU)")
     style.add_argument("--output-dir", help=f"where the stylised images are written (default: {OUTPUT_DIR}/TASK)")
     style.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    style.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    style.add_argument("--address", help=ADDRESS_HELP)
     style.set_defaults(func=cmd_stylize)
+
+    cluster = sub.add_parser("cluster", help="keep a local Ray running between commands (they join it)")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, parser_class=_with_parents(verbose))
+    cluster_up = cluster_sub.add_parser("up", help="start it (raycv commands without --address then join it)")
+    cluster_up.add_argument("--num-cpus", type=int, help="CPUs it offers (default: this machine's)")
+    cluster_sub.add_parser("status", help="where it runs (exit status 1 when it does not)")
+    cluster_sub.add_parser("down", help="stop its processes (only those: other Rays on the machine keep running)")
+    cluster.set_defaults(func=cmd_cluster)
 
     data = sub.add_parser("data", help="prepare and check datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_with_parents(verbose))
@@ -263,11 +302,21 @@ def _with_parents(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentPa
     return SubcommandParser
 
 
+def _join_warm_cluster() -> None:
+    from pipelines import warm_cluster
+
+    cluster = warm_cluster.join_if_running()
+    if cluster is not None:
+        log.info("joining the local Ray of `raycv cluster up` at %s (`raycv cluster down` stops it)", cluster.address)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # raycv prints its own run links
     logs.set_verbose(args.verbose)
     try:
+        if hasattr(args, "address") and args.address is None and not os.environ.get("RAY_ADDRESS"):
+            _join_warm_cluster()  # the commands that run on Ray take --address
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         if args.verbose:

@@ -22,6 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.data import DataIterator, Dataset
 from torch import nn
 
 from cvtasks.errors import DataFormatError
@@ -157,19 +158,25 @@ def augmented_batches(decoded: Iterable[dict[str, np.ndarray]], task: str, cfg: 
                for key, value in out.items()}
 
 
+def read_batches(data: Dataset | DataIterator, task: str, cfg: Config, train: bool,
+                 rng: np.random.Generator, device: torch.device, batch_size: int,
+                 shuffle_rows: int | None = None) -> Iterable[TensorBatch]:
+    """Tensor batches of a split (a Dataset, or a worker's shard of one) for ``task`` (its import path): augmented
+    by the pipeline, or here, batch by batch, with ``rng`` (:func:`pipelines.data.augments_in_worker`)."""
+    if not augments_in_worker(cfg):
+        return data.iter_torch_batches(batch_size=batch_size, device=device, local_shuffle_buffer_size=shuffle_rows)
+    decoded = data.iter_batches(batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=shuffle_rows)
+    return augmented_batches(decoded, task, cfg, train, rng, device)
+
+
 def shard_batches(run: WorkerRun, split: str, batch_size: int, epoch: int,
                   shuffle_rows: int | None = None) -> Iterable[TensorBatch]:
-    """This worker's tensor batches of ``split``: augmented by the pipeline, or here (:func:`pipelines.data.
-    augments_in_worker`) with the worker's generator for the pass (one per rank and epoch, so a restarted epoch
-    repeats its draws)."""
-    shard = ray.train.get_dataset_shard(split)
-    if not augments_in_worker(run.cfg):
-        return shard.iter_torch_batches(batch_size=batch_size, device=run.device,
-                                        local_shuffle_buffer_size=shuffle_rows)
+    """This worker's tensor batches of ``split`` (:func:`read_batches`), with the worker's generator for the pass
+    (one per rank and epoch, so a restarted epoch repeats its draws)."""
     train = split == "train"
     rng = np.random.default_rng([run.cfg.train.seed, run.rank, epoch, int(train)])
-    decoded = shard.iter_batches(batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=shuffle_rows)
-    return augmented_batches(decoded, run.config["task"], run.cfg, train, rng, run.device)
+    return read_batches(ray.train.get_dataset_shard(split), run.config["task"], run.cfg, train, rng, run.device,
+                        batch_size, shuffle_rows)
 
 
 def train_epoch(run: WorkerRun, epoch: int) -> PassSums:

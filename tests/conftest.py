@@ -22,6 +22,8 @@ from tests.services import (
 # Tests report no usage statistics. This also keeps Ray Data's usage poller from querying a Prometheus server
 # that is not there and logging the failures while the interpreter shuts down.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Commands the tests run without an address start a local Ray, not join a `raycv cluster up` of the developer's.
+os.environ["RAYCV_CLUSTER_FILE"] = str(Path(tempfile.mkdtemp(prefix="raycv-cluster-")) / "cluster.json")
 # Before any test module imports ray (which reads the auth mode once): the session's cluster requires a token.
 RAY_AUTH_ENV = enable_token_auth(Path(tempfile.mkdtemp(prefix="raycv-auth-")))
 

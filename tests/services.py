@@ -107,7 +107,7 @@ def start_ray_cluster(env: dict[str, str]) -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="raycv-ray-"))
     port, dash = free_port(), free_port()
     gcs = f"127.0.0.1:{port}"
-    from pipelines.cluster import worker_pool_config  # imports ray: not before enable_token_auth
+    from pipelines.local_ray import worker_pool_config  # imports ray: not before enable_token_auth
 
     # The head's system config, which every node joining it takes: as raycv's own local Ray has it.
     pool = json.dumps(worker_pool_config(NODE_CPUS))

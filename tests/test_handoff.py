@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from cvtasks.tasks import get_task
-from pipelines.cluster import MIN_WORKERS_KEPT, worker_pool_config
 from pipelines.data import index_digest, task_at, task_path
+from pipelines.local_ray import MIN_WORKERS_KEPT, worker_pool_config
 from pipelines.progress import steps_per_epoch
 
 HEAVY = ("torch", "torchvision", "mlflow", "matplotlib", "cvtasks.tasks.base")

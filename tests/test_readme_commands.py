@@ -226,6 +226,8 @@ PARSE_ONLY = [
     Rule(("raycv", "data", "download"), "needs the internet and the real datasets' size; tests/test_download.py "
          "downloads from a local server"),
     Rule(("ray", "job", "submit"), "needs the AWS cluster and GPUs", section="On a cluster"),
+    Rule(("raycv", "cluster"), "`up` starts a Ray head that the walk's other commands would then join; "
+         "tests/test_warm_cluster.py runs up, status, a train that joins it, and down"),
 ]
 
 
