@@ -271,10 +271,14 @@ def _assert_same_targets(got, expected):
     torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
 
 
-def test_multibox_target_matches_the_books_loop_on_tinyssd_anchors_with_many_objects():
+@pytest.mark.parametrize("chunk_images", [None, 5])
+def test_multibox_target_matches_the_books_loop_on_tinyssd_anchors_with_many_objects(chunk_images, monkeypatch):
     """1,364 anchors (TinySSD at 128 px: more than one block of the first-argmax search, with a short last block),
     8 objects per image, some of them in pairs that share a best anchor (the greedy rounds' images) beside images
-    whose objects' best anchors all differ."""
+    whose objects' best anchors all differ. The 12 images fit one chunk of the IoU pass, or (chunk_images=5) take
+    three, the last one short."""
+    if chunk_images:
+        monkeypatch.setattr(boxes, "_CHUNK_ELEMENTS", chunk_images * 8 * 1364)
     generator = torch.Generator().manual_seed(8)
     stages = [(16, [0.2, 0.272]), (8, [0.37, 0.447]), (4, [0.54, 0.619]), (2, [0.71, 0.79]), (1, [0.88, 0.961])]
     anchors = torch.cat([multibox_prior(torch.zeros(1, 1, side, side), sizes, [1, 2, 0.5]) for side, sizes in stages],
