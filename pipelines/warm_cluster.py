@@ -140,14 +140,22 @@ def down() -> tuple[WarmCluster, int] | None:
 
 def _stop(cluster: WarmCluster) -> int:
     """Stop every process of the head's session (SIGTERM, then SIGKILL after STOP_GRACE_S), remove its temp dir
-    and the state file; returns how many processes there were."""
+    and the state file; returns how many processes there were.
+
+    A session id outlives its processes only as a number: after a reboot another session may have it. The session
+    is stopped only while one of its processes still names the head's temp dir on its command line (the raylet
+    and GCS do).
+    """
     import psutil
 
-    procs = []
+    procs, ours = [], False
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
             if os.getsid(proc.pid) == cluster.session:
                 procs.append(proc)
+                ours = ours or any(cluster.temp_dir in arg for arg in proc.cmdline())
+    if not ours:
+        procs = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)

@@ -44,6 +44,21 @@ def test_a_recorded_cluster_that_does_not_answer_is_not_joined_and_down_clears_i
     assert warm_cluster.down() is None
 
 
+def test_down_leaves_a_session_that_is_not_the_heads_alone(state_file, tmp_path):
+    """After a reboot the recorded session id may belong to someone else's processes: they are not touched."""
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a session leader, as `ray start` was
+    try:
+        reused = warm_cluster.WarmCluster(address=f"127.0.0.1:{warm_cluster._free_port()}", dashboard_url="http://x",
+                                          cpus=2, session=other.pid, temp_dir=str(tmp_path / "ray"), auth_mode="token",
+                                          token_path=None)
+        state_file.write_text(json.dumps(reused.__dict__))
+        assert warm_cluster.down() == (reused, 0) and not state_file.exists()
+        assert other.poll() is None  # still running
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_state_file_that_is_not_one_names_itself(state_file):
     state_file.write_text("{not json")
     with pytest.raises(RunError, match=f"{state_file}: not a raycv cluster file"):
