@@ -100,14 +100,14 @@ def up(cpus: int | None = None) -> tuple[WarmCluster, bool]:
     local_ray.require_token_auth()
     local_ray.prepare_environment()
     temp_dir = tempfile.mkdtemp(prefix="raycv-warm-")  # short: Ray's unix sockets live under it (~107 chars)
-    gcs_port = _free_port(DEFAULT_GCS_PORT)
-    dashboard_port = _free_port(DEFAULT_DASHBOARD_PORT)
+    gcs_port = free_port(DEFAULT_GCS_PORT)
+    dashboard_port = free_port(DEFAULT_DASHBOARD_PORT)
     address = f"127.0.0.1:{gcs_port}"
     ray = Path(sys.executable).with_name("ray")
     command = [str(ray) if ray.exists() else "ray", "start", "--head", "--node-ip-address=127.0.0.1",
                f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-               "--include-dashboard=true", f"--ray-client-server-port={_free_port()}",
-               f"--dashboard-agent-listen-port={_free_port()}", f"--num-cpus={cpus}", f"--temp-dir={temp_dir}",
+               "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={cpus}", f"--temp-dir={temp_dir}",
                f"--system-config={json.dumps(local_ray.worker_pool_config(cpus))}", "--disable-usage-stats"]
     # RAY_ADDRESS: Ray's own helper processes that call ray.init() find this head, not another Ray on the machine.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -148,25 +148,46 @@ def _stop(cluster: WarmCluster) -> int:
     """
     import psutil
 
-    procs, ours = [], False
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getsid(proc.pid) == cluster.session:
-                procs.append(proc)
-                ours = ours or any(cluster.temp_dir in arg for arg in proc.cmdline())
-    if not ours:
-        procs = []
+    procs = session_processes(cluster.session)
+    ours = False
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+            ours = ours or any(cluster.temp_dir in arg for arg in proc.cmdline())
+    if not ours:
+        procs = []
+    signal_processes(procs, signal.SIGTERM, STOP_GRACE_S)
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     state_file().unlink(missing_ok=True)
     return len(procs)
+
+
+def session_processes(session: int) -> list:
+    """The processes (psutil.Process) of session ``session``: a Ray node started as a session leader, with the
+    daemons and workers it forked."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(proc.pid) == session:
+                found.append(proc)
+    return found
+
+
+def signal_processes(procs: list, sig: int, grace_s: float) -> None:
+    """Send ``sig`` to ``procs``; unless it is SIGKILL, SIGKILL those still running ``grace_s`` later."""
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+    if sig == signal.SIGKILL:
+        return
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def _answers(address: str) -> bool:
@@ -178,7 +199,7 @@ def _answers(address: str) -> bool:
     return True
 
 
-def _free_port(preferred: int | None = None) -> int:
+def free_port(preferred: int | None = None) -> int:
     """``preferred`` when nothing listens there, else a free port at or above LOWEST_FREE_PORT."""
     if preferred is not None and not _answers(f"127.0.0.1:{preferred}"):
         with contextlib.suppress(OSError), socket.socket() as probe:

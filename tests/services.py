@@ -8,13 +8,11 @@ killing exactly the processes of that session, never another Ray or server on th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.warm_cluster import free_port, session_processes, signal_processes
+
 BIN = Path(sys.executable).parent
 #: Logical CPUs each of the test cluster's two nodes advertises: Ray Train workers and Ray Data tasks must fit side
 #: by side on a 2-core machine (the cores are shared, only the scheduler's bookkeeping is raised).
@@ -30,19 +30,6 @@ NODE_CPUS = 2
 #: A custom resource every node has one of: workers that each ask for one land on distinct nodes.
 NODE_SLOT = "raycv_node_slot"
 S3_BUCKET = "raycv-test"
-
-
-#: Ports below this may fall in Ray's default worker port range (10002-19999), which a GCS port must not use.
-LOWEST_PORT = 20000
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= LOWEST_PORT:
-            return port
 
 
 def wait_for(check, what: str, timeout: float = 60.0) -> None:
@@ -132,30 +119,10 @@ def add_ray_node(cluster: RayCluster) -> int:
     return session
 
 
-def _session_processes(session: int) -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getsid(proc.pid) == session:
-                found.append(proc)
-    return found
-
-
 def kill_session(session: int, sig: int = signal.SIGKILL) -> int:
     """Signal every process of ``session`` (one Ray node, or a server); returns how many there were."""
-    import psutil
-
-    procs = _session_processes(session)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-    if sig != signal.SIGKILL:
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
+    procs = session_processes(session)
+    signal_processes(procs, sig, grace_s=15)
     return len(procs)
 
 

@@ -32,7 +32,7 @@ def state_file(tmp_path, monkeypatch) -> Path:
 
 
 def test_a_recorded_cluster_that_does_not_answer_is_not_joined_and_down_clears_it(state_file, tmp_path):
-    gone = warm_cluster.WarmCluster(address=f"127.0.0.1:{warm_cluster._free_port()}", dashboard_url="http://x",
+    gone = warm_cluster.WarmCluster(address=f"127.0.0.1:{warm_cluster.free_port()}", dashboard_url="http://x",
                                     cpus=2, session=2**22 + 7, temp_dir=str(tmp_path / "ray"), auth_mode="token",
                                     token_path=None)
     state_file.write_text(json.dumps(gone.__dict__))
@@ -48,7 +48,7 @@ def test_down_leaves_a_session_that_is_not_the_heads_alone(state_file, tmp_path)
     """After a reboot the recorded session id may belong to someone else's processes: they are not touched."""
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a session leader, as `ray start` was
     try:
-        reused = warm_cluster.WarmCluster(address=f"127.0.0.1:{warm_cluster._free_port()}", dashboard_url="http://x",
+        reused = warm_cluster.WarmCluster(address=f"127.0.0.1:{warm_cluster.free_port()}", dashboard_url="http://x",
                                           cpus=2, session=other.pid, temp_dir=str(tmp_path / "ray"), auth_mode="token",
                                           token_path=None)
         state_file.write_text(json.dumps(reused.__dict__))
