@@ -49,6 +49,7 @@ OLD_CANDIDATE_CAP = 100  # detect.max_candidates before batched NMS
 UNTRAINED_LOGIT_STD = 0.1  # an untrained head's class logits: nearly uniform, so every anchor is a candidate
 UNTRAINED_OFFSET_STD = 0.5  # and its offsets: boxes scattered around their anchors
 SEED = 0
+SAMPLE_SECONDS = 0.02  # each timed sample runs a case's calls for at least this long
 
 
 def tinyssd_anchors(device: torch.device, image_size: int = 256) -> torch.Tensor:
@@ -141,19 +142,28 @@ def untrained_outputs(num_anchors: int, generator: torch.Generator, device: torc
     return logits.to(device), offsets.to(device)
 
 
-def median_ms(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of run() in milliseconds, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+def _per_call_seconds(run: Callable[[], object], calls: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
         run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def paired_median_ms(ours: Callable[[], object], reference: Callable[[], object], repeats: int,
+                     device: torch.device) -> tuple[float, float]:
+    """Median milliseconds per call of ours() and reference(), timed in alternating rounds so that a machine whose
+    speed drifts (a shared VM) slows both alike. Each round times at least SAMPLE_SECONDS of calls of each."""
+    ours(), reference()  # warm-up
+    calls = [max(1, round(SAMPLE_SECONDS / _per_call_seconds(run, 1, device))) for run in (ours, reference)]
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for run, count, samples in zip((ours, reference), calls, times):
+            samples.append(_per_call_seconds(run, count, device))
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
 
 
 def check_same(case: str, ours: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...]) -> None:
@@ -178,8 +188,8 @@ def target_cases(device: torch.device, repeats: int) -> list[tuple[str, float, s
             labels = random_labels(num_objects, generator).to(device)
             case = f"multibox_target {BATCH_SIZE}x{anchors.shape[0]} anchors, {num_objects} obj/img"
             check_same(case, multibox_target(anchors, labels), book_multibox_target(anchors, labels))
-            ours = median_ms(lambda anchors=anchors, labels=labels: multibox_target(anchors, labels), repeats, device)
-            reference = median_ms(
+            ours, reference = paired_median_ms(
+                lambda anchors=anchors, labels=labels: multibox_target(anchors, labels),
                 lambda anchors=anchors, labels=labels: book_multibox_target(anchors, labels), repeats, device
             )
             rows.append((case, ours, "d2l multibox_target", reference))
@@ -196,11 +206,15 @@ def detection_cases(device: torch.device, repeats: int) -> list[tuple[str, float
     case = f"multibox_detection {BATCH_SIZE}x{anchors.shape[0]} untrained boxes"
     check_same(case, (multibox_detection(probs, offsets, anchors, NMS_IOU_THRESHOLD, 0.0),),
                (per_image_detection(probs, offsets, anchors),))  # fmt: skip
-    ours = median_ms(lambda: multibox_detection(probs, offsets, anchors, NMS_IOU_THRESHOLD), repeats, device)
-    reference = median_ms(lambda: per_image_detection(probs, offsets, anchors), repeats, device)
-    rows.append((case, ours, "per-image ops.nms", reference))
-    capped = median_ms(lambda: detect(anchors, logits, offsets, max_candidates=OLD_CANDIDATE_CAP), repeats, device)
-    rows.append((f"detect, all {anchors.shape[0]} anchors vs top {OLD_CANDIDATE_CAP}", ours,
+    def ours() -> torch.Tensor:
+        return multibox_detection(probs, offsets, anchors, NMS_IOU_THRESHOLD)
+
+    ours_ms, reference = paired_median_ms(ours, lambda: per_image_detection(probs, offsets, anchors), repeats, device)
+    rows.append((case, ours_ms, "per-image ops.nms", reference))
+    ours_ms, capped = paired_median_ms(
+        ours, lambda: detect(anchors, logits, offsets, max_candidates=OLD_CANDIDATE_CAP), repeats, device
+    )
+    rows.append((f"detect, all {anchors.shape[0]} anchors vs top {OLD_CANDIDATE_CAP}", ours_ms,
                  f"top-{OLD_CANDIDATE_CAP} per image", capped))
     return rows
 
@@ -208,7 +222,8 @@ def detection_cases(device: torch.device, repeats: int) -> list[tuple[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed rounds per case, ours and the reference alternating (medians reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--only", choices=("target", "detection"), default=None, help="run one group of cases")
     args = parser.parse_args()
@@ -222,7 +237,7 @@ def main() -> None:
         rows += target_cases(device, args.repeats)
     if args.only in (None, "detection"):
         rows += detection_cases(device, args.repeats)
-    log.info("device=%s torch=%s threads=%d, median of %d runs", device, torch.__version__,
+    log.info("device=%s torch=%s threads=%d, median of %d alternating rounds", device, torch.__version__,
              torch.get_num_threads(), args.repeats)  # fmt: skip
     header = f"{'case':<58} {'cvtasks ms':>11} {'reference':>20} {'ref ms':>9} {'ref/ours':>9}"
     log.info(header)

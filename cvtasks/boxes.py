@@ -29,7 +29,7 @@ PIXEL_CENTER = 0.5  # anchors are centred on pixel centres: pixel i spans [i, i 
 DEFAULT_IOU_THRESHOLD = 0.5  # d2l's default for anchor assignment (IoU >= it) and NMS (IoU > it suppresses)
 DEFAULT_POS_THRESHOLD = 0.009999999  # d2l's confidence below which a detection is reported as background
 
-_DISCARDED_IOU = -1.0  # below every real IoU (>= 0): marks matched anchors, matched or padded ground truth
+_DISCARDED_IOU = -1.0  # below every real IoU (>= 0): the IoUs of padding rows
 
 
 def box_corner_to_center(boxes: Tensor) -> Tensor:
@@ -106,32 +106,20 @@ def multibox_prior(data: Tensor, sizes: Sequence[float], ratios: Sequence[float]
     return anchors.reshape(1, -1, 4)
 
 
-#: IoUs per chunk of images in _match_pairs' pass: its three 2 MB buffers are reused chunk to chunk. Measured
+#: IoUs per chunk of images in _match_anchors' pass: its three 2 MB buffers are reused chunk to chunk. Measured
 #: (benchmarks/bench_boxes.py, 2 cores): 32 images x 8 boxes x 5,444 anchors in 3 chunks took 2.9 ms, in 11 chunks of
 #: 1 << 17 (buffers in L2) 3.4 ms: each chunk costs about 15 operations' fixed overhead; other cases unchanged.
 _CHUNK_ELEMENTS = 1 << 19
-_ARGMAX_BLOCK = 64  # anchors per block of _match_pairs' first-argmax search
-
-
-def _paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of boxes1[..., i, :] with boxes2[..., i, :] (shapes broadcast), by box_iou's operations in box_iou's order,
-    so each value is bit for bit box_iou's (IEEE min, max, +, -, *, / are exact or correctly rounded, vectorised or
-    not; IoU is symmetric in floating point too)."""
-    x1_a, y1_a, x2_a, y2_a = boxes1.unbind(dim=-1)
-    x1_b, y1_b, x2_b, y2_b = boxes2.unbind(dim=-1)
-    inter_w = (torch.minimum(x2_a, x2_b) - torch.maximum(x1_a, x1_b)).clamp(min=0)
-    inter_h = (torch.minimum(y2_a, y2_b) - torch.maximum(y1_a, y1_b)).clamp(min=0)
-    inter = inter_w * inter_h
-    return inter / (box_area(boxes1) + box_area(boxes2) - inter)
+_ARGMAX_BLOCK = 64  # values per block of _first_argmax's search
 
 
 class _IoUPass:
-    """IoU of a chunk of images' ground-truth boxes with every anchor, Tensor[n, G, A], box_iou's values (as
-    _paired_iou), computed in place in three buffers reused from chunk to chunk: on CPU a fresh [B, G, A] tensor
-    per operation costs about as much as the operation (page faults).
+    """IoU of a chunk of images' ground-truth boxes with every anchor, Tensor[n, G, A], by box_iou's operations in
+    box_iou's order (so box_iou's values), computed in place in three buffers reused from chunk to chunk: on CPU a
+    fresh [B, G, A] tensor per operation costs about as much as the operation (page faults).
     The anchors' coordinates are made contiguous first: broadcasting over a column of [A, 4] does not vectorise."""
 
-    def __init__(self, gt_boxes: Tensor, anchors: Tensor, chunk: int, out: Tensor | None = None) -> None:
+    def __init__(self, gt_boxes: Tensor, anchors: Tensor, chunk: int) -> None:
         self.gt_boxes = gt_boxes  # [B, G, 4]
         self.gt_area = box_area(gt_boxes)[..., None]  # [B, G, 1]
         self.anchor_coords = anchors.t().contiguous()  # [4, A]: contiguous rows vectorise, anchors' columns do not
@@ -139,17 +127,13 @@ class _IoUPass:
         self.anchor_area = (x2 - x1) * (y2 - y1)  # box_area(anchors)
         shape = (min(chunk, gt_boxes.shape[0]), gt_boxes.shape[1], anchors.shape[0])
         dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
-        self.out = out  # Tensor[B, G, A] to write the IoUs into, or None: a chunk's buffer, reused
-        self.work = torch.empty(shape, dtype=dtype, device=anchors.device)
-        self.inter = torch.empty_like(self.work) if out is None else None
-        self.spare = torch.empty_like(self.work)
+        self.inter, self.work, self.spare = torch.empty((3, *shape), dtype=dtype, device=anchors.device)
 
     def __call__(self, start: int, stop: int) -> Tensor:
         count = stop - start
         gx1, gy1, gx2, gy2 = self.gt_boxes[start:stop, :, None].unbind(dim=-1)  # each [n, G, 1]
         ax1, ay1, ax2, ay2 = self.anchor_coords  # each [A]
-        inter = self.out[start:stop] if self.inter is None else self.inter[:count]
-        work, spare = self.work[:count], self.spare[:count]
+        inter, work, spare = self.inter[:count], self.work[:count], self.spare[:count]
         torch.minimum(gx2, ax2, out=inter).sub_(torch.maximum(gx1, ax1, out=work)).clamp_(min=0)  # width
         torch.minimum(gy2, ay2, out=work).sub_(torch.maximum(gy1, ay1, out=spare)).clamp_(min=0)  # height
         inter.mul_(work)
@@ -157,141 +141,173 @@ class _IoUPass:
         return inter.div_(union)
 
 
-def _greedy_match(remaining: Tensor, matches: Tensor) -> None:
-    """d2l's greedy step as the book writes it, for the images of a batch whose column maxima collide.
+def _block_maxima(values: Tensor) -> Tensor:
+    """Maximum of each block of _ARGMAX_BLOCK values along the last dimension (the last block may be short):
+    Tensor[..., ceil(size / _ARGMAX_BLOCK)]. On CPU amax vectorises where argmax, ge and nonzero read one value at
+    a time, so the searches below look at the blocks' maxima first and only then inside the blocks they pick."""
+    size = values.shape[-1]
+    whole_blocks, tail = divmod(size, _ARGMAX_BLOCK)
+    block_max = values.new_empty((*values.shape[:-1], whole_blocks + (tail > 0)))
+    if whole_blocks:
+        blocks = values[..., : whole_blocks * _ARGMAX_BLOCK].unflatten(-1, (whole_blocks, _ARGMAX_BLOCK))
+        torch.amax(blocks, dim=-1, out=block_max[..., :whole_blocks])
+    if tail:
+        torch.amax(values[..., whole_blocks * _ARGMAX_BLOCK :], dim=-1, out=block_max[..., -1])
+    return block_max
 
-    num_gt times, the globally largest remaining (anchor, box) pair of each image (ties: the first in anchor-major
-    order, as torch.argmax over the book's [A, G] matrix) is assigned and its anchor row and box column discarded.
+
+def _block_members(blocks: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Indices of the values in blocks (Tensor[K, 1] int64) of _block_maxima, Tensor[K, _ARGMAX_BLOCK], and which of
+    them exist (a short last block's indices past size - 1 are clamped to it, and marked False)."""
+    members = blocks * _ARGMAX_BLOCK + torch.arange(_ARGMAX_BLOCK, device=blocks.device)
+    exists = members < size
+    return members.clamp_(max=size - 1), exists
+
+
+def _first_argmax(values: Tensor, block_max: Tensor) -> Tensor:
+    """torch.argmax(values, dim=-1) (the first of equal maxima), Tensor[...] int64, from _block_maxima(values): the
+    first block holding the maximum holds its first occurrence. (A clamped index repeats the last value after its
+    own place, so it is never the first.)"""
+    candidates, _ = _block_members(block_max.argmax(dim=-1, keepdim=True), values.shape[-1])
+    return candidates.gather(-1, values.gather(-1, candidates).argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
+def _greedy_rounds(ious: Tensor, valid: Tensor) -> list[tuple[int, int, int]]:
+    """d2l's greedy step as the book runs it, for images where two valid boxes share a best anchor.
+
+    Once per box, the image's largest remaining (anchor, box) IoU is assigned and its anchor and box are discarded;
+    ties go to the first pair in anchor-major order, as torch.argmax over the book's [A, G] matrix. Before a box is
+    assigned at most G - 1 anchors are discarded, so its largest remaining IoU is among its G largest: the rounds run
+    in Python over those candidates only (with every anchor that ties the G-th largest, so that ties still go to the
+    first anchor).
 
     Args:
-        remaining (Tensor[B, A, G]): IoUs, _DISCARDED_IOU for padding columns; overwritten.
-        matches (Tensor[B, A]): the threshold step's assignment, updated in place.
+        ious (Tensor[C, G, A]): IoUs of the C images' boxes with every anchor.
+        valid (Tensor[C, G]): False for padding boxes, which are never assigned.
+
+    Returns:
+        (image, anchor, box) per assigned pair, image counted in C.
     """
-    batch, _, num_gt = remaining.shape
-    images = torch.arange(batch, device=remaining.device)
-    for _ in range(num_gt):
-        flat = remaining.reshape(batch, -1)  # [B, A * G], anchor-major
-        best, pair = flat.max(dim=1)  # [B]
-        found = best > _DISCARDED_IOU  # False once an image has no box (or no anchor) left
-        anchor, gt = pair // num_gt, pair % num_gt
-        matches[images, anchor] = torch.where(found, gt, matches[images, anchor])
-        remaining[images, anchor, :] = _DISCARDED_IOU
-        remaining[images, :, gt] = _DISCARDED_IOU
+    num_gt, num_anchors = ious.shape[1:]
+    kth_largest = ious.topk(min(num_gt, num_anchors), dim=-1).values[..., -1:]  # [C, G, 1]
+    image, box, anchor = (ious >= kth_largest).nonzero(as_tuple=True)
+    candidates: dict[tuple[int, int], list[tuple[float, int]]] = {}
+    for i, g, a, iou in zip(image.tolist(), box.tolist(), anchor.tolist(), ious[image, box, anchor].tolist()):
+        candidates.setdefault((i, g), []).append((-iou, a))  # sorted below: largest IoU, then first anchor
+    pairs = []
+    for i, image_valid in enumerate(valid.tolist()):
+        queues = {g: sorted(candidates[i, g]) for g, is_valid in enumerate(image_valid) if is_valid}
+        taken: set[int] = set()
+        while queues:
+            best = None  # (-iou, anchor, box): the smallest is the book's argmax
+            for g, queue in queues.items():
+                while queue and queue[0][1] in taken:
+                    queue.pop(0)
+                if queue and (best is None or (*queue[0], g) < best):
+                    best = (*queue[0], g)
+            if best is None:  # fewer anchors than boxes: every anchor is taken
+                break
+            _, a, g = best
+            pairs.append((i, a, g))
+            taken.add(a)
+            del queues[g]
+    return pairs
 
 
-def _match_pairs(
+def _greedy_step(ious: Tensor, valid: Tensor, best_anchor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The greedy step's (image, anchor, box) pairs in a chunk of images (see _match_anchors), from their IoUs
+    (Tensor[n, G, A]), valid (Tensor[n, G]) and each box's first best anchor (Tensor[n, G])."""
+    if ious.shape[1] == 1:  # one box cannot share its best anchor
+        images, boxes = valid.nonzero(as_tuple=True)
+        return images, best_anchor[images, boxes], boxes
+    shared = (best_anchor[:, :, None] == best_anchor[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    shared.diagonal(dim1=1, dim2=2).fill_(False)
+    collide = shared.flatten(1).any(dim=1)  # [n]
+    images, boxes = (valid & ~collide[:, None]).nonzero(as_tuple=True)
+    anchors = best_anchor[images, boxes]
+    if bool(collide.any()):  # the book's rounds, in the images where two boxes share a best anchor
+        colliding = collide.nonzero().squeeze(1)
+        rounds = torch.tensor(_greedy_rounds(ious[colliding], valid[colliding]), dtype=torch.long, device=ious.device)
+        local, round_anchors, round_boxes = rounds.reshape(-1, 3).t()
+        images = torch.cat((images, colliding[local]))
+        anchors = torch.cat((anchors, round_anchors))
+        boxes = torch.cat((boxes, round_boxes))
+    return images, anchors, boxes
+
+
+def _match_chunk(ious: Tensor, valid: Tensor, iou_threshold: float, matches: Tensor) -> tuple[Tensor, Tensor]:
+    """_match_anchors on a chunk of images, from their IoUs (Tensor[n, G, A], overwritten) and valid (Tensor[n, G]),
+    into matches (Tensor[n, A], UNASSIGNED on entry). Returns the assigned (image, anchor) pairs."""
+    if not bool(valid.all()):
+        ious.masked_fill_(~valid[..., None], _DISCARDED_IOU)
+    num_anchors, single = ious.shape[-1], ious.shape[1] == 1
+    block_max = _block_maxima(ious)  # [n, G, blocks]
+
+    # Threshold step: each anchor's best box (the first of equal bests), where its IoU reaches the threshold. Only
+    # the blocks of anchors whose maximum reaches it are searched.
+    best_iou = ious[:, 0] if single else ious.amax(dim=1)  # [n, A]
+    hit_images, hit_blocks = (block_max.amax(dim=1) >= iou_threshold).nonzero(as_tuple=True)  # [K] each
+    members, exists = _block_members(hit_blocks[:, None], num_anchors)  # [K, block]
+    block, place = ((best_iou[hit_images[:, None], members] >= iou_threshold) & exists).nonzero(as_tuple=True)
+    images, anchor_index = hit_images[block], members[block, place]  # [P] each
+    boxes = torch.zeros_like(images) if single else ious[images, :, anchor_index].argmax(dim=1)  # [P, G] -> [P]
+    matches[images, anchor_index] = boxes
+
+    # Greedy step, replacing the threshold step's box of the anchors it assigns.
+    greedy_images, greedy_anchors, greedy_boxes = _greedy_step(ious, valid, _first_argmax(ious, block_max))
+    matches[greedy_images, greedy_anchors] = greedy_boxes
+    new = best_iou[greedy_images, greedy_anchors] < iou_threshold  # anchors that the threshold step left unassigned
+    return torch.cat((images, greedy_images[new])), torch.cat((anchor_index, greedy_anchors[new]))
+
+
+def _match_anchors(
     gt_boxes: Tensor, anchors: Tensor, gt_valid: Tensor, iou_threshold: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Assign ground-truth boxes to anchors in a batch of images (d2l 13.4.3.1), as index triples.
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Assign ground-truth boxes to anchors in a batch of images (d2l 13.4.3.1).
 
-    Every anchor whose best IoU is >= iou_threshold takes that box (the first of equal bests); then, num_gt times,
-    the globally largest remaining (anchor, box) pair is assigned and its anchor row and box column are discarded,
-    so that every valid box gets at least one anchor. Ties go to the first pair in (anchor, box) order, as
-    torch.argmax does on the book's [A, G] matrix.
+    Every anchor whose best IoU is >= iou_threshold takes that box (the first of equal bests); then, once per box,
+    the image's largest remaining (anchor, box) pair is assigned and its anchor and box are discarded, so that every
+    valid box gets at least one anchor. Ties go to the first pair in (anchor, box) order, as torch.argmax does on
+    the book's [A, G] matrix.
 
     The greedy step needs no rounds where, in an image, the valid boxes' best anchors (the first argmax of each
-    box's column) are all different: then each round picks some box's best anchor and discards no other box's best,
+    box's IoUs) are all different: then each round picks some box's best anchor and discards no other box's best,
     so the rounds assign exactly the pairs (best anchor of box g, g), in any order. Only images where two boxes
-    share a best anchor (or with more boxes than anchors) go through the book's rounds (_greedy_match).
+    share a best anchor (or with more boxes than anchors) go through the book's rounds (_greedy_rounds).
 
-    One pass over chunks of images computes the IoUs and keeps only their reductions: each anchor's best IoU and,
-    per box, the maximum of each block of _ARGMAX_BLOCK anchors (amax vectorises, argmax does not). The few IoUs
-    needed after it (an anchor's boxes where its best IoU reaches the threshold, the block holding a box's first
-    maximum, the images with colliding best anchors) are computed again, to the same bits (_paired_iou).
+    The IoUs are computed for a chunk of images at a time, and each chunk is matched from them before the next
+    (_match_chunk), so that they stay in the CPU's cache.
 
     Args:
         gt_boxes (Tensor[B, G, 4]), anchors (Tensor[A, 4]): (x1, y1, x2, y2).
         gt_valid (Tensor[B, G]): False for padding rows, which are never assigned.
 
     Returns:
-        (images, anchors, boxes): int64 Tensor[P] each, one triple per assigned anchor (each anchor at most once).
+        matches (Tensor[B, A]): int64 index of each anchor's box, or UNASSIGNED.
+        (images, anchors): int64 Tensor[P] each, the assigned anchors' places in matches (in no particular order).
     """
     (batch, num_gt, _), num_anchors = gt_boxes.shape, anchors.shape[0]
     device = anchors.device
+    matches = torch.full((batch, num_anchors), UNASSIGNED, dtype=torch.long, device=device)
     if num_gt == 0 or num_anchors == 0 or batch == 0:
         nothing = torch.zeros(0, dtype=torch.long, device=device)
-        return nothing, nothing, nothing
-    padded = not bool(gt_valid.all())
-    padding = ~gt_valid[..., None]  # [B, G, 1]
-
-    def masked(ious: Tensor, image_padding: Tensor) -> Tensor:
-        return ious.masked_fill_(image_padding, _DISCARDED_IOU) if padded else ious
-
-    # The pass: best IoU of each anchor [B, A], maxima of each box's anchor blocks [B, G, blocks].
-    whole_blocks, tail = divmod(num_anchors, _ARGMAX_BLOCK)
+        return matches, (nothing, nothing)
     chunk = max(1, _CHUNK_ELEMENTS // (num_gt * num_anchors)) if device.type == "cpu" else batch
-    dtype = torch.promote_types(gt_boxes.dtype, anchors.dtype)
-    best_iou = torch.empty((batch, num_anchors), dtype=dtype, device=device)
-    # With one box per image its IoUs are the best ones: the pass writes them there.
-    iou_pass = _IoUPass(gt_boxes, anchors, chunk, out=best_iou[:, None] if num_gt == 1 else None)
-    block_max = torch.empty((batch, num_gt, whole_blocks + (tail > 0)), dtype=dtype, device=device)
+    iou_pass = _IoUPass(gt_boxes, anchors, chunk)
+    images, anchor_index = [], []
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
-        ious = masked(iou_pass(start, stop), padding[start:stop])  # [n, G, A]
-        if num_gt > 1:
-            torch.amax(ious, dim=1, out=best_iou[start:stop])
-        if whole_blocks:
-            blocks = ious[..., : whole_blocks * _ARGMAX_BLOCK].unflatten(-1, (whole_blocks, _ARGMAX_BLOCK))
-            torch.amax(blocks, dim=-1, out=block_max[start:stop, :, :whole_blocks])
-        if tail:
-            torch.amax(ious[..., whole_blocks * _ARGMAX_BLOCK :], dim=-1, out=block_max[start:stop, :, -1])
-
-    # Threshold step: an anchor's best box, only where its best IoU reaches the threshold (few anchors).
-    images, anchor_index = (best_iou >= iou_threshold).nonzero(as_tuple=True)
-    if num_gt == 1:
-        boxes = torch.zeros_like(images)
-    else:
-        hit_ious = _paired_iou(anchors[anchor_index, None], gt_boxes[images])  # [P, G]
-        boxes = masked(hit_ious, padding[images, :, 0]).argmax(dim=1)  # the first of equal bests, as torch.max
-
-    # Each box's first best anchor: the first block holding its maximum holds its first occurrence.
-    block_start = block_max.argmax(dim=-1, keepdim=True) * _ARGMAX_BLOCK  # [B, G, 1]
-    # A short last block is clamped to the last anchor, which then repeats after its own place: still the first.
-    candidates = (block_start + torch.arange(_ARGMAX_BLOCK, device=device)).clamp_(max=num_anchors - 1)
-    candidate_ious = _paired_iou(anchors[candidates], gt_boxes[:, :, None, :])  # [B, G, block]
-    best_anchor = candidates.gather(-1, candidate_ious.argmax(dim=-1, keepdim=True)).squeeze(-1)  # [B, G]
-
-    # Greedy step, without rounds in the images where the valid boxes' best anchors differ.
-    colliding = None
-    if num_gt > 1:
-        shared = best_anchor[:, :, None] == best_anchor[:, None, :]  # [B, G, G]
-        if padded:
-            shared &= gt_valid[:, :, None] & gt_valid[:, None, :]
-        shared.diagonal(dim1=1, dim2=2).fill_(False)
-        collide = shared.flatten(1).any(dim=1)  # [B]: two valid boxes share a best anchor
-        if bool(collide.any()):
-            colliding = collide.nonzero().squeeze(1)
-            gt_valid = gt_valid & ~collide[:, None]
-    greedy_images, greedy_boxes = gt_valid.nonzero(as_tuple=True)
-    greedy_anchors = best_anchor[greedy_images, greedy_boxes]
-    if colliding is not None:
-        remaining = masked(_paired_iou(anchors[:, None], gt_boxes[colliding, None]), padding[colliding].transpose(1, 2))
-        sub_best, sub_gt = remaining.max(dim=2)  # remaining: [C, A, G], the book's layout
-        sub_matches = torch.where(sub_best >= iou_threshold, sub_gt, UNASSIGNED)  # the threshold step again
-        _greedy_match(remaining, sub_matches)
-        local, sub_anchors = (sub_matches != UNASSIGNED).nonzero(as_tuple=True)
-        greedy_images = torch.cat((greedy_images, colliding[local]))
-        greedy_anchors = torch.cat((greedy_anchors, sub_anchors))
-        greedy_boxes = torch.cat((greedy_boxes, sub_matches[local, sub_anchors]))
-    # The greedy step's pairs replace the threshold step's for the same anchor.
-    kept = ~torch.isin(images * num_anchors + anchor_index, greedy_images * num_anchors + greedy_anchors)
-    return (torch.cat((images[kept], greedy_images)), torch.cat((anchor_index[kept], greedy_anchors)),
-            torch.cat((boxes[kept], greedy_boxes)))  # fmt: skip
-
-
-def _match_anchors(gt_boxes: Tensor, anchors: Tensor, gt_valid: Tensor, iou_threshold: float) -> Tensor:
-    """_match_pairs as a map: Tensor[B, A] int64 index of each anchor's box, or UNASSIGNED."""
-    batch, num_anchors = gt_boxes.shape[0], anchors.shape[0]
-    matches = torch.full((batch, num_anchors), UNASSIGNED, dtype=torch.long, device=anchors.device)
-    images, anchor_index, boxes = _match_pairs(gt_boxes, anchors, gt_valid, iou_threshold)
-    matches[images, anchor_index] = boxes
-    return matches
+        chunk_images, chunk_anchors = _match_chunk(iou_pass(start, stop), gt_valid[start:stop], iou_threshold,
+                                                   matches[start:stop])  # fmt: skip
+        images.append(chunk_images + start)
+        anchor_index.append(chunk_anchors)
+    return matches, (torch.cat(images), torch.cat(anchor_index))
 
 
 def assign_anchor_to_bbox(
     ground_truth: Tensor, anchors: Tensor, device: torch.device | str, iou_threshold: float = DEFAULT_IOU_THRESHOLD
 ) -> Tensor:
-    """Assign the closest ground-truth box to each anchor of one image (see _match_pairs for the rule).
+    """Assign the closest ground-truth box to each anchor of one image (see _match_anchors for the rule).
 
     Args:
         ground_truth (Tensor[G, 4]), anchors (Tensor[A, 4]): boxes in (x1, y1, x2, y2) format.
@@ -301,7 +317,8 @@ def assign_anchor_to_bbox(
         Tensor[A] anchors_bbox_map: int64 index into ground_truth, or UNASSIGNED (-1).
     """
     gt_valid = torch.ones((1, ground_truth.shape[0]), dtype=torch.bool, device=ground_truth.device)
-    return _match_anchors(ground_truth[None], anchors, gt_valid, iou_threshold)[0].to(device)
+    matches, _ = _match_anchors(ground_truth[None], anchors, gt_valid, iou_threshold)
+    return matches[0].to(device)
 
 
 def offset_boxes(anchors: Tensor, assigned_bb: Tensor, eps: float = OFFSET_LOG_EPS) -> Tensor:
@@ -340,7 +357,7 @@ def multibox_target(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Label anchors with classes and box offsets from the ground truth of a batch of images (d2l 13.4.3).
 
-    The whole batch is labelled at once (see _match_pairs: one IoU pass over chunks of images; the greedy step
+    The whole batch is labelled at once (see _match_anchors: one IoU pass over chunks of images; the greedy step
     loops over ground-truth rows only in images where two boxes share a best anchor), and offsets are computed for
     the assigned anchors only. The targets carry no gradient (computed under torch.no_grad); bbox_offset and
     bbox_mask are the two halves of one allocation.
@@ -362,7 +379,7 @@ def multibox_target(
         anchors = anchors.reshape(-1, 4)  # [A, 4]
         (batch, num_gt, _), num_anchors = labels.shape, anchors.shape[0]
         gt_classes, gt_boxes = labels[..., 0], labels[..., 1:]  # [B, G], [B, G, 4]
-        images, anchor_index, boxes = _match_pairs(gt_boxes, anchors, gt_classes >= 0, iou_threshold)
+        matches, (images, anchor_index) = _match_anchors(gt_boxes, anchors, gt_classes >= 0, iou_threshold)
 
         dtype = torch.promote_types(anchors.dtype, labels.dtype)
         class_labels = torch.full((batch * num_anchors,), BACKGROUND, dtype=torch.long, device=anchors.device)
@@ -371,7 +388,7 @@ def multibox_target(
         # 5,444 anchors) where two [B * A, 4] ones came fresh from the kernel (about 1,600).
         offsets, bbox_mask = torch.zeros((2, batch * num_anchors, 4), dtype=dtype, device=anchors.device)
         assigned = images * num_anchors + anchor_index  # [P] into the batch's B * A anchors
-        gt_index = images * num_gt + boxes  # [P] into its B * G boxes
+        gt_index = images * num_gt + matches[images, anchor_index]  # [P] into its B * G boxes
         offsets[assigned] = offset_boxes(anchors[anchor_index], gt_boxes.reshape(-1, 4)[gt_index]).to(dtype)
         bbox_mask[assigned] = 1.0
         class_labels[assigned] = gt_classes.reshape(-1)[gt_index].long() + 1

@@ -331,6 +331,27 @@ def test_padding_with_colliding_and_distinct_best_anchors_matches_the_oracle():
                              reference_multibox_target(anchors, labels, iou_threshold))  # fmt: skip
 
 
+def test_greedy_rounds_with_crowded_boxes_match_the_oracle():
+    """Many boxes on few anchors, most images colliding: the rounds take second and later choices (a box's best
+    anchor taken by an earlier box), fewer anchors than boxes in one trial, quantised coordinates for exact ties."""
+    generator = torch.Generator().manual_seed(11)
+    for trial, num_anchors in enumerate((24, 24, 5)):
+        corner = torch.randint(0, 6, (num_anchors, 2), generator=generator) / 8
+        anchors = torch.cat((corner, corner + torch.randint(1, 4, (num_anchors, 2), generator=generator) / 8), dim=1)
+        labels = torch.full((6, 7, 5), -1.0)
+        for image in range(6):
+            count = 7 - (image + trial) % 3  # 5..7 objects, then padding
+            labels[image, :count, 0] = torch.randint(0, 3, (count,), generator=generator).float()
+            centre = torch.rand(2, generator=generator) * 0.5 + 0.25
+            boxes_here = (random_boxes(count, generator, max_size=0.3) - 0.5) * 0.4 + centre.repeat(2)
+            labels[image, :count, 1:] = (boxes_here.clamp(0, 1) * 16).round() / 16  # may be empty: IoU 0
+        best = box_iou(labels[..., 1:], anchors).argmax(dim=-1).tolist()
+        assert sum(len(set(row[: 7 - (i + trial) % 3])) < 7 - (i + trial) % 3 for i, row in enumerate(best)) >= 3
+        for iou_threshold in (0.3, 0.5):
+            _assert_same_targets(multibox_target(anchors, labels, iou_threshold),
+                                 reference_multibox_target(anchors, labels, iou_threshold))  # fmt: skip
+
+
 # ---- non-maximum suppression and detection ----
 
 
