@@ -19,11 +19,19 @@ Measured on the 2-CPU dev machine (2,913 images, ~2.2 GB decoded, crop 320x480, 
     Re-measured after VOC's augment became 4.9x cheaper (two runs, 300 MB store): 41.8 and 52.8 s per epoch, peak
                   297 MB (99%), nothing over capacity, 9.6-9.8 GB spilled; the code of the two commits before it,
                   in the same hour: 43.9 and 46.3 s, peak 297 MB, 9.8 and 9.2 GB spilled. So the spill is not this
-                  change's; it is more than the 3.8 GB above, measured on older code (cause not investigated yet)
+                  change's; it is more than the 3.8 GB above, measured on older code
+    The cause, found later: a streamed training split shuffled its block order after the decode, and Ray Data's
+    RandomizeBlockOrder waits for all of its input, so it held the whole decoded split (spilled). Side by side
+    (300 MB store): shuffling after the decode 42.3 s, 9.5 GB spilled / 16.5 GB restored; shuffling the index
+    blocks before the decode 38.1 s, 3.9 / 4.2 GB; with a 550 MB store 31.7 s, 2.3 GB spilled against 26.3 s and
+    nothing. With the masks uint8 instead of int64 too (an augmented row 2.0 MB instead of 3.0 MB), the 300 MB
+    store: 31.7 s, peak 290 MB (97%), nothing over capacity, nothing spilled.
 CIFAR-10 (``--task cifar10 --images 50000`` / ``100000 --data-dir /tmp/ingest-data``, 75 MB store: Ray's minimum,
 so 50,000 images decode to 2.0x the store and 100,000 to 3.9x; streamed, batch 256, one epoch; load average ~1-2):
     50,000:  peak 73 MB in the store (98%), nothing over capacity, 317 MB spilled; private memory 1011 -> 2537 MB
     100,000: peak 73 MB (98%), nothing over capacity, 599 MB spilled; private memory 1167 -> 2840 MB
+    100,000 with the index blocks shuffled before the decode (above): 29.2 s, peak 73 MB (97.5%), nothing over
+             capacity, 302 MB spilled; private memory 1187 -> 2878 MB
     Before the index was cut to the store's block size (CIFAR's index carries every image's bytes, and
     ``from_pandas`` puts all of it in the store): 50,000: peak 109 MB (145%, 38 MB over capacity); 100,000: peak
     300 MB (400%, 227 MB over capacity). The private-memory rise is mostly the driver's index (~160 MB per 50,000

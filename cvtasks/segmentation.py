@@ -2,8 +2,9 @@
 are in :mod:`cvtasks.pictures`).
 
 Formats: images are uint8 (H, W, 3) arrays before normalisation and float32 (N, 3, H, W) tensors after it; masks
-are (H, W) uint8 class indices before batching and int64 (N, H, W) after it, with ``ignore_index`` marking pixels
-that loss and metrics skip. A confusion matrix ``cm`` is (K, K) with ``cm[true, predicted]`` pixel counts.
+are uint8 class indices, (H, W) before batching and (N, H, W) after it (losses widen them), with ``ignore_index``
+marking pixels that loss and metrics skip. A confusion matrix ``cm`` is (K, K) with ``cm[true, predicted]`` pixel
+counts.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def paired_batch(
     images: Sequence[np.ndarray], masks: Sequence[np.ndarray], size: tuple[int, int], *, train: bool,
     rng: np.random.Generator, hflip_prob: float, ignore_index: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Variable-size uint8 images (H, W, 3) and masks (H, W) -> float32 (N, 3, h, w) and int64 (N, h, w).
+    """Variable-size uint8 images (H, W, 3) and masks (H, W) -> float32 (N, 3, h, w) and uint8 (N, h, w).
 
     ``train``: the same random crop rectangle and the same horizontal flip (with ``hflip_prob``) for image and
     mask. Otherwise a deterministic centre crop. Either way, images smaller than ``size`` are padded
@@ -106,7 +107,7 @@ def paired_batch(
     """
     height, width = size
     crops = np.empty((len(images), height, width, 3), dtype=np.uint8)
-    out_masks = np.empty((len(images), height, width), dtype=np.int64)
+    out_masks = np.empty((len(images), height, width), dtype=np.uint8)
     for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
         if train:
             top, left = random_crop_origin(image.shape, size, rng)

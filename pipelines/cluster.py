@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import ray
 
 from pipelines import local_ray, logs
 from pipelines.failures import RunError
+from pipelines.warm_cluster import connection_error
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,10 @@ def _require_listener(address: str) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not (host and port.isdigit()):
         return
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_CHECK_SECONDS).close()
-    except OSError as exc:
-        raise RunError(f"cannot connect to the Ray cluster at {address}: nothing answers there ({exc}); start it "
-                       "(ray start --head) or fix --address / RAY_ADDRESS") from None
+    error = connection_error(host, int(port), CONNECT_CHECK_SECONDS)
+    if error is not None:
+        raise RunError(f"cannot connect to the Ray cluster at {address}: nothing answers there ({error}); start it "
+                       "(ray start --head) or fix --address / RAY_ADDRESS")
 
 
 def quiet_data_context() -> None:

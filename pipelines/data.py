@@ -4,7 +4,8 @@
     map_batches(task.decode)              decode in parallel Ray tasks, dropping rows the task marks ``keep=False``;
                                           materialised once in the object store when the decoded split fits
                                           comfortably ("decode once"), else re-decoded while streaming with bounded
-                                          memory
+                                          memory (a streamed training split shuffles its index blocks before the
+                                          decode, so no shuffle waits for, and holds, the decoded split)
     map_batches(task.augment)             fresh random augmentation on every pass (every epoch), in Ray tasks
                                           (``data.augment_on: pipeline``), or in each training worker's own
                                           process as it draws a batch (``worker``: ``pipelines.loop.augmented_batches``)
@@ -226,18 +227,25 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     store = ray.available_resources().get("object_store_memory", 0.0)
     sizes, max_block = row_bytes(task, cfg, index), block_bytes(store)
+    estimate = int(sizes.decoded * len(index))
+    cached = should_cache(cfg.data.cache, estimate, store)
     blocks = max(1, min(len(index) // DECODE_BATCH, BLOCKS_PER_CPU * cpus), source_blocks(index, max_block))
+    if not cached:  # shuffled by its index blocks (below): as many as the decoded split has blocks
+        blocks = max(blocks, min(len(index), -(-estimate // max_block)))
     bounds = np.linspace(0, len(index), blocks + 1).astype(int)
     chunks = [index.iloc[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
     decode_rows = batch_rows(sizes.decoded, DECODE_BATCH, max_block)
     augment_rows = batch_rows(sizes.augmented, AUGMENT_BATCH, max_block)
     source = ray.data.from_pandas(chunks)
     source.context.target_max_block_size = max_block  # the context is this pipeline's own copy
+    if train and not cached:
+        # Shuffle a streamed split's blocks before decoding them: RandomizeBlockOrder waits for all of its input,
+        # so after the decode it would hold the whole decoded split in the object store, spilled to disk (a 2.2 GB
+        # VOC epoch on a 300 MB store spilled 9.5 GB, benchmarks/bench_voc_memory.py).
+        source = source.randomize_block_order()
     ds = source.map_batches(
         _decode, fn_kwargs={"task": task_path(task), "cfg": cfg}, batch_format="numpy", batch_size=decode_rows
     )
-    estimate = int(sizes.decoded * len(index))
-    cached = should_cache(cfg.data.cache, estimate, store)
     log.info(
         "%s/%s: %d samples, ~%.1f MB decoded -> %s, augmented %s (blocks <= %.0f MB: %d rows per decode batch)",
         task.name, split, len(index), estimate / 1e6, "cached in object store" if cached else "streamed",
@@ -250,7 +258,7 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     if skipped:
         log.warning("%s/%s: skipped %d of %d samples (see the task's log for why)", task.name, split, skipped,
                     len(index))
-    if train:
+    if train and cached:
         ds = ds.randomize_block_order()
     if not augments_in_worker(cfg):
         ds = ds.map_batches(

@@ -190,13 +190,18 @@ def signal_processes(procs: list, sig: int, grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
+def connection_error(host: str, port: int, timeout: float) -> OSError | None:
+    """Why nothing answers a TCP connection to ``host:port`` within ``timeout`` seconds, or None when something does."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return exc
+    return None
+
+
 def _answers(address: str) -> bool:
     host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=ALIVE_CHECK_S).close()
-    except OSError:
-        return False
-    return True
+    return connection_error(host, int(port), ALIVE_CHECK_S) is None
 
 
 def free_port(preferred: int | None = None) -> int:

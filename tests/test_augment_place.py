@@ -3,6 +3,8 @@ default) or in Ray Data's tasks (the GPU default); both give the model the same 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,26 @@ def test_a_run_that_augments_in_the_pipeline_trains(ray_cluster, mlflow_server, 
     assert run.data.params["data.augment_on"] == "pipeline"
     history = MlflowClient(mlflow_server.url).get_metric_history(outcome.run_id, "train_loss")
     assert len(history) == 2 and all(np.isfinite(m.value) for m in history)
+
+
+@pytest.mark.slow
+def test_a_streamed_training_split_shuffles_its_blocks_before_decoding_and_gives_every_row_once_an_epoch(
+        ray_cluster, tmp_path):
+    """Shuffling the decoded blocks would wait for the whole decoded split and hold it in the object store (spilled
+    on a small store): a streamed split shuffles its index blocks, then decodes as it streams."""
+    demo_cifar.write(tmp_path, seed=1, n_train=640, n_test=16)
+    cfg = _cfg(tmp_path, "data.cache=stream", "data.augment_on=worker")
+    task = get_task("cifar10")
+    split = build_split(task, cfg, "train", train=True)
+    index = task.index("train", cfg)
+    decoded = task.decode({col: index[col].to_numpy() for col in index.columns}, cfg)
+    everything = Counter(image.tobytes() for image in decoded["image"])
+
+    epochs = [[image.tobytes() for batch in split.dataset.iter_batches(batch_size=64, batch_format="numpy")
+               for image in batch["image"]] for _ in range(2)]
+
+    assert not split.cached
+    assert all(Counter(epoch) == everything for epoch in epochs)
+    assert epochs[0] != epochs[1]  # each epoch draws a new block order
+    stats = split.dataset.stats()
+    assert stats.index("RandomizeBlockOrder") < stats.index("_decode"), stats

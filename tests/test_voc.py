@@ -157,7 +157,7 @@ def test_paired_crop_and_flip_keep_image_and_mask_aligned():
     images, masks = seg.paired_batch([s[0] for s in samples] * 4, [s[1] for s in samples] * 4, CROP, train=True,
                                      rng=np.random.default_rng(0), hflip_prob=0.5, ignore_index=255)
     assert images.shape == (12, 3, *CROP) and images.dtype == np.float32
-    assert masks.shape == (12, *CROP) and masks.dtype == np.int64
+    assert masks.shape == (12, *CROP) and masks.dtype == np.uint8
     pixels = pictures.denormalize(images).astype(np.int64)
     real = pixels[..., 2] == 0
     np.testing.assert_array_equal(masks[real], (pixels[..., 0] + pixels[..., 1])[real] % 20)
@@ -182,7 +182,7 @@ def test_paired_batch_equals_crop_then_flip_image_by_image():
         crops.append(image)
         crop_masks.append(mask)
     np.testing.assert_array_equal(images, seg.normalize_images(np.stack(crops)))
-    np.testing.assert_array_equal(masks, np.stack(crop_masks).astype(np.int64))
+    np.testing.assert_array_equal(masks, np.stack(crop_masks))
 
 
 def test_eval_center_crop_is_deterministic_and_centred():

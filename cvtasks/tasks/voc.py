@@ -130,7 +130,7 @@ class VocTask(Task):
         return {"image": _object_array(images), "mask": _object_array(masks), "keep": np.asarray(keep, dtype=bool)}
 
     def augment(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
-        """-> ``image`` float32 (N, 3, h, w) ImageNet-normalised, ``mask`` int64 (N, h, w); (h, w) = crop_size.
+        """-> ``image`` float32 (N, 3, h, w) ImageNet-normalised, ``mask`` uint8 (N, h, w); (h, w) = crop_size.
 
         Rows with ``keep=False`` are dropped here too, so decode output can be augmented directly.
         """
@@ -159,7 +159,7 @@ class VocTask(Task):
         target = batch["mask"]
         if not bool((target != voc.IGNORE_INDEX).any()):
             return out.sum() * 0.0, {}
-        return F.cross_entropy(out.float(), target, ignore_index=voc.IGNORE_INDEX), {}
+        return F.cross_entropy(out.float(), target.long(), ignore_index=voc.IGNORE_INDEX), {}
 
     def metric_sums(self, out: torch.Tensor, batch: TensorBatch, cfg: Config) -> dict[str, torch.Tensor]:
         """``confusion``: (21, 21) ``cm[true, predicted]`` over labelled pixels; ``ignored_pixels``: count of 255s."""
