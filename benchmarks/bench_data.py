@@ -60,21 +60,27 @@ instead but augments on the consumer's one core (22.2 s).
 Without the reservation (``op_resource_reservation_enabled = False`` on the split pipelines' context; measured in
 two runs side by side, full scale): VOC 0.96x the DataLoader instead of 0.85x, CIFAR-10's pipeline 0.65x instead
 of 0.56x, but the streamed 4x VOC pass 245 s an epoch instead of 58 s, spilling. That spill turned out to be the
-streamed split's shuffle after the decode (RandomizeBlockOrder holds all of its input: the whole decoded split);
-with the index blocks shuffled before the decode instead, and VOC's masks uint8, the reservation was measured again
-(2026-12-07, 3 alternating rounds): VOC 11.6 s an epoch without it, 13.1 s with it; the 4x pass 50-56 s either
-way, nothing spilled. So ``pipelines.data.reserves_per_operator`` keeps it only on small stores (where, without it,
-a 75 MB store streaming 100,000 CIFAR images spilled 1.4 GB instead of 0.3 GB). This benchmark's run on that code
-(Ray's default store, so reservation off):
+streamed split's shuffle after the decode (RandomizeBlockOrder holds all of its input: the whole decoded split).
+With the index blocks shuffled before the decode instead, and VOC's masks uint8, the reservation was measured again
+(2026-12-07): VOC 11.6 s an epoch without it, 13.1 s with it (3 alternating rounds); the 4x pass 50-56 s either way,
+nothing spilled; this benchmark's whole run without it:
 
     dataset  images  Ray cache  Ray s/ep  in loop s/ep  best DataLoader s/ep  dec/dec+aug s  Ray/DL  loop/DL  Ray/dec
     cifar10  50,000  cached     1.37      0.44          0.83 (batched)        0.17 / 0.32    0.61    1.91     0.12
     voc      2,913   streamed   10.6      13.1          9.07 (per-sample)     3.67 / 6.55    0.85    0.70     0.34
 
-    4x/1x seconds per image: CIFAR-10 0.61, VOC 0.94. Ray Data's stats of one VOC epoch: 17 decode+augment tasks,
-    16.3 s of task CPU time in 11.3 s (both cores), 5.8 GB of float32 crops and uint8 masks written; the consumer
-    (iter_torch_batches, local shuffle) 2.0-2.4 s of the driver's CPU, 1.6-1.7 s without the local shuffle or the
-    torch conversion: the wall time is the same either way (the cores, not the consumer, are the limit).
+But it is still not used: on a small store (75 MB, 100,000 CIFAR images streamed) it spilled 1.4 GB instead of
+0.3 GB and took 58 s instead of 29 s; and a try under Ray Train (banana, 1 worker on 2 CPUs augmenting in Ray
+Data's tasks, 2 alternating rounds of 3 epochs: 35-62 examples/sec without it, 46-60 with it) ran beside another
+benchmark's plain loop, so it decides nothing yet. The same benchmark with the reservation on (the code), that day:
+
+    voc      2,913   streamed   13.9      16.5          9.82 (batched)        4.09 / 7.08    0.71    0.60     0.29
+
+    4x/1x seconds per image: VOC 0.98 (0.94 without the reservation; CIFAR-10 0.61). Ray Data's stats of one VOC epoch
+    (without it): 17 decode+augment tasks, 16.3 s of task CPU time in 11.3 s (both cores), 5.8 GB of float32 crops
+    and uint8 masks written; the consumer (iter_torch_batches, local shuffle) 2.0-2.4 s of the driver's CPU, 1.6-1.7 s
+    without the local shuffle or the torch conversion, the wall time the same either way (the cores, not the
+    consumer, are the limit).
 
 Usage: python benchmarks/bench_data.py [--scale small|full] [--datasets cifar10 hotdog voc] [--epochs 3]
                                        [--epochs-4x 2] [--cpus 2] [--data-dir DIR]

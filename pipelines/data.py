@@ -28,12 +28,13 @@ An index that carries the data itself (CIFAR's raw bytes) is cut into more block
 the block size (:func:`source_blocks`): ``from_pandas`` puts the whole index in the object store.
 
 At real scale (``benchmarks/bench_data.py --scale full``: 50,000 CIFAR images, 2,913 VOC-size JPEG + PNG pairs, 2
-CPUs), what CPU training runs (augment in the loop) reads CIFAR 1.9x as fast as a batched torch DataLoader (0.44 s
-vs 0.83 s an epoch); augmenting in the pipeline's tasks is slower than the DataLoader: CIFAR 1.37 s (a fixed ~1 s
-of execution start-up per epoch), VOC 10.6 s vs 9.1 s (2.2 GB decoded does not fit the cache rule, so every epoch
-decodes and writes its float32 crops into the object store). Ray Data's per-operator reservation, which on 2 CPUs
-mostly admits one map task at a time, is kept only on small object stores (:func:`reserves_per_operator`). The
-benchmark's docstring has the tables and the measurements behind these reasons.
+CPUs), what CPU training runs (augment in the loop) reads CIFAR 1.6-1.9x as fast as a batched torch DataLoader
+(0.42-0.58 s vs 0.80-0.94 s an epoch); augmenting in the pipeline's tasks is slower than the DataLoader: CIFAR
+1.43-2.07 s (a fixed ~1 s of execution start-up per epoch), VOC 13.9 s vs 9.8 s (2.2 GB decoded does not fit the
+cache rule, so every epoch decodes and writes its float32 crops into the object store). Ray Data's per-operator
+reservation, which on 2 CPUs mostly admits one map task at a time, is kept: without it the ingest benchmark was
+faster, but a small store spilled more, and its effect on training is not measured cleanly yet. The benchmark's
+docstring has the tables and the measurements behind these reasons.
 """
 
 from __future__ import annotations
@@ -188,18 +189,6 @@ def block_bytes(object_store_bytes: float) -> int:
     return min(default, int(object_store_bytes / BLOCKS_PER_STORE)) if object_store_bytes > 0 else default
 
 
-def reserves_per_operator(object_store_bytes: float) -> bool:
-    """Whether a pipeline keeps Ray Data's per-operator resource reservation: only on a small object store, one
-    whose blocks :func:`block_bytes` shrinks. The reservation keeps a share of the CPUs and the store for each
-    operator; on 2 CPUs it mostly admits one map task at a time (side by side without it: VOC's streamed epoch
-    11.6 s instead of 13.1 s, linear at 4x, nothing spilled; CIFAR-10's cached augment 0.65x a DataLoader instead of
-    0.56x; benchmarks/bench_data.py), but on a small store it is what keeps the decode from filling the store:
-    without it a 75 MB store streaming 100,000 CIFAR images spilled 1.4 GB instead of 0.3 GB and took 58 s instead
-    of 29 s (bench_voc_memory.py). From a 2 GiB store up, blocks are Ray's default size and it is off: VOC's 2.2 GB
-    split streamed through a 2.1 GB store peaked at 47% of it, nothing spilled."""
-    return block_bytes(object_store_bytes) < ray.data.context.DEFAULT_TARGET_MAX_BLOCK_SIZE
-
-
 def source_blocks(index: pd.DataFrame, max_block: int) -> int:
     """Blocks the index itself needs so that each stays under ``max_block`` bytes. Most indexes hold paths and are
     small; CIFAR's holds every image's raw bytes (50,000 images: ~165 MB), and a few such blocks, all put in the
@@ -251,7 +240,6 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     augment_rows = batch_rows(sizes.augmented, AUGMENT_BATCH, max_block)
     source = ray.data.from_pandas(chunks)
     source.context.target_max_block_size = max_block  # the context is this pipeline's own copy
-    source.context.op_resource_reservation_enabled = reserves_per_operator(store)
     if train and not cached:
         # Shuffle a streamed split's blocks before decoding them: RandomizeBlockOrder waits for all of its input,
         # so after the decode it would hold the whole decoded split in the object store, spilled to disk (a 2.2 GB

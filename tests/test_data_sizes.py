@@ -6,7 +6,7 @@ import ray.data
 
 from cvtasks.demo import voc as voc_demo
 from cvtasks.tasks.voc import VocTask
-from pipelines.data import BLOCKS_PER_STORE, batch_rows, block_bytes, reserves_per_operator, row_bytes
+from pipelines.data import BLOCKS_PER_STORE, batch_rows, block_bytes, row_bytes
 from tests.configs import at_root, typed_config
 
 MB = 1 << 20
@@ -17,12 +17,6 @@ def test_blocks_shrink_only_on_a_small_object_store():
     assert block_bytes(300 * MB) == 300 * MB // BLOCKS_PER_STORE < DEFAULT_BLOCK
     assert block_bytes(64_000 * MB) == DEFAULT_BLOCK
     assert block_bytes(0.0) == DEFAULT_BLOCK  # store size unknown
-
-
-def test_only_a_small_object_store_keeps_ray_datas_per_operator_reservation():
-    assert reserves_per_operator(300 * MB) and reserves_per_operator(75 * MB)
-    assert not reserves_per_operator(BLOCKS_PER_STORE * DEFAULT_BLOCK)  # blocks at Ray's default size: room to spare
-    assert not reserves_per_operator(64_000 * MB)
 
 
 def test_batches_fit_a_block_and_keep_their_row_caps():
