@@ -105,6 +105,8 @@ def paired_batch(
     Each crop is written once, into the batch arrays (a flipped crop is the mirrored window of the mirrored image);
     VOC's 320x480 crops make copies the main cost of this step.
     """
+    if not 0 <= ignore_index <= T.UINT8_MAX:
+        raise ValueError(f"ignore_index {ignore_index} does not fit the uint8 masks (0..{T.UINT8_MAX})")
     height, width = size
     crops = np.empty((len(images), height, width, 3), dtype=np.uint8)
     out_masks = np.empty((len(images), height, width), dtype=np.uint8)

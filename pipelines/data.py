@@ -231,8 +231,12 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     sizes, max_block = row_bytes(task, cfg, index), block_bytes(store)
     estimate = int(sizes.decoded * len(index))
     cached = should_cache(cfg.data.cache, estimate, store)
+    # A streamed training split is shuffled by its index blocks, before the decode: as many as it has decoded blocks.
+    # (RandomizeBlockOrder waits for all of its input, so after the decode it would hold the whole decoded split in
+    # the object store, spilled to disk: a 2.2 GB VOC epoch on a 300 MB store spilled 9.5 GB, bench_voc_memory.py.)
+    shuffle_index = train and not cached
     blocks = max(1, min(len(index) // DECODE_BATCH, BLOCKS_PER_CPU * cpus), source_blocks(index, max_block))
-    if not cached:  # shuffled by its index blocks (below): as many as the decoded split has blocks
+    if shuffle_index:
         blocks = max(blocks, min(len(index), -(-estimate // max_block)))
     bounds = np.linspace(0, len(index), blocks + 1).astype(int)
     chunks = [index.iloc[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
@@ -240,10 +244,7 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     augment_rows = batch_rows(sizes.augmented, AUGMENT_BATCH, max_block)
     source = ray.data.from_pandas(chunks)
     source.context.target_max_block_size = max_block  # the context is this pipeline's own copy
-    if train and not cached:
-        # Shuffle a streamed split's blocks before decoding them: RandomizeBlockOrder waits for all of its input,
-        # so after the decode it would hold the whole decoded split in the object store, spilled to disk (a 2.2 GB
-        # VOC epoch on a 300 MB store spilled 9.5 GB, benchmarks/bench_voc_memory.py).
+    if shuffle_index:
         source = source.randomize_block_order()
     ds = source.map_batches(
         _decode, fn_kwargs={"task": task_path(task), "cfg": cfg}, batch_format="numpy", batch_size=decode_rows

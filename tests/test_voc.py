@@ -185,6 +185,13 @@ def test_paired_batch_equals_crop_then_flip_image_by_image():
     np.testing.assert_array_equal(masks, np.stack(crop_masks))
 
 
+def test_paired_batch_refuses_an_ignore_index_its_uint8_masks_cannot_hold():
+    image, mask = coordinate_sample(60, 90)
+    with pytest.raises(ValueError, match="ignore_index 256 does not fit the uint8 masks"):
+        seg.paired_batch([image], [mask], CROP, train=False, rng=np.random.default_rng(0), hflip_prob=0.5,
+                         ignore_index=256)
+
+
 def test_eval_center_crop_is_deterministic_and_centred():
     image, mask = coordinate_sample(60, 90)
     out_image, out_mask = seg.center_crop_pair(image, mask, CROP, 255)
