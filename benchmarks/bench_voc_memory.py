@@ -5,9 +5,9 @@ segmentation train + val, with sides drawn from [375, 500] px, about VOC's 500x3
 ``--task cifar10``: writes CIFAR-10 in the real pickled-batch format (``cvtasks.demo.cifar``: 50,000 training images,
 CIFAR-10's count). Either goes to a temporary folder (or ``--data-dir``, shared with bench_data.py), then the
 benchmark starts a local Ray with a small object store, builds the training split with
-``pipelines.data.build_split`` under ``data.cache: auto`` (which caches the decoded split only when it fits in 30%
-of the store, else streams), and iterates one epoch of batches as a Ray Train worker would, sampling the object
-store's use every ``SAMPLE_SECONDS``.
+``pipelines.data.build_split`` under ``data.cache: auto`` (which caches the decoded split only when it fits in 45%
+of the store with what the store holds, else streams), and iterates one epoch of batches as a Ray Train worker
+would, sampling the object store's use every ``SAMPLE_SECONDS``.
 
 Prints the peak object-store bytes against the decoded size of the split and the store's capacity, plus what was
 spilled to disk and how far system memory rose.
@@ -69,7 +69,7 @@ from scale_data import (
 from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Config
 from pipelines.config import load_config
-from pipelines.data import build_split, row_bytes, should_cache
+from pipelines.data import build_split, cache_room, row_bytes, should_cache
 
 log = logging.getLogger("bench_voc_memory")
 
@@ -100,7 +100,7 @@ def run(cfg: Config, images: int, object_store_mb: int) -> None:
         estimate = int(row_bytes(task, cfg, index).decoded * len(index))
         store = ray.available_resources()["object_store_memory"]
         log.info("decoded split ~%.0f MB; object store %.0f MB -> auto would %s", estimate / MB, store / MB,
-                 "cache" if should_cache("auto", estimate, store) else "stream")
+                 "cache" if should_cache("auto", estimate, cache_room(store, store)) else "stream")
         baseline = private_memory()
         with StoreSampler() as sampler:
             start = time.perf_counter()

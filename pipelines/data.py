@@ -2,10 +2,10 @@
 
     task.index(split, cfg)                driver: one row per sample, nothing decoded
     map_batches(task.decode)              decode in parallel Ray tasks, dropping rows the task marks ``keep=False``;
-                                          materialised once in the object store when the decoded split fits
-                                          comfortably ("decode once"), else re-decoded while streaming with bounded
-                                          memory (a streamed training split shuffles its index blocks before the
-                                          decode, so no shuffle waits for, and holds, the decoded split)
+                                          materialised once in the object store when, with what the store holds,
+                                          it fits in 45% of it ("decode once"), else re-decoded while streaming
+                                          with bounded memory (a streamed training split shuffles its index blocks
+                                          before the decode, so no shuffle waits for, and holds, the decoded split)
     map_batches(task.augment)             fresh random augmentation on every pass (every epoch), in Ray tasks
                                           (``data.augment_on: pipeline``), or in each training worker's own
                                           process as it draws a batch (``worker``: ``pipelines.loop.augmented_batches``)
@@ -29,12 +29,13 @@ the block size (:func:`source_blocks`): ``from_pandas`` puts the whole index in 
 
 At real scale (``benchmarks/bench_data.py --scale full``: 50,000 CIFAR images, 2,913 VOC-size JPEG + PNG pairs, 2
 CPUs), what CPU training runs (augment in the loop) reads CIFAR 1.6-1.9x as fast as a batched torch DataLoader
-(0.42-0.58 s vs 0.80-0.94 s an epoch); augmenting in the pipeline's tasks is slower than the DataLoader: CIFAR
-1.43-2.07 s (a fixed ~1 s of execution start-up per epoch), VOC 13.9 s vs 9.8 s (2.2 GB decoded does not fit the
-cache rule, so every epoch decodes and writes its float32 crops into the object store). Ray Data's per-operator
-reservation, which on 2 CPUs mostly admits one map task at a time, is kept: without it the ingest benchmark was
-faster, but a small store spilled more and training that augments in Ray Data's tasks ran 0.7x as fast. The
-benchmark's docstring has the tables and the measurements behind these reasons.
+(0.42-0.58 s vs 0.80-0.94 s an epoch), and VOC, whose 2.2 GB decoded split the cache rule keeps (43% of a 5.25 GB
+store), 1.1x; augmenting in the pipeline's tasks VOC is 1.5x as fast (8.0 s vs 11.9 s), CIFAR slower (1.43-2.07 s:
+a fixed ~1 s of execution start-up per epoch). Streamed (the rule before cached at most 30% of the free store), a
+VOC epoch decodes again and took 12.7-13.9 s. Ray Data's per-operator reservation, which on 2 CPUs mostly admits
+one map task at a time, is kept: without it the ingest benchmark was faster, but a small store spilled more and
+training that augments in Ray Data's tasks ran 0.7x as fast. The benchmark's docstring has the tables and the
+measurements behind these reasons.
 """
 
 from __future__ import annotations
@@ -59,8 +60,14 @@ log = logging.getLogger(__name__)
 
 #: Decoded column that marks rows to drop (bad files skipped with ``data.skip_bad``, images too small to crop).
 KEEP_COLUMN = "keep"
-#: Cache a decoded split in memory only when it needs at most this share of the object store.
-CACHE_SHARE_OF_OBJECT_STORE = 0.3
+#: A decoded split is cached in the object store only while everything in the store, the split included, stays
+#: within this share of it: Ray Data's streaming executor budgets half of the store for the pipeline it runs (its
+#: default memory limit fraction, with the per-operator reservation kept), and 5% stays spare (index blocks, the
+#: consumer's batches). What the store holds already counts: a run's training split, cached first, other jobs'
+#: objects. VOC's 2.2 GB decoded training split cached on a 5.25 GB store (43%): peak 66% of the store, nothing
+#: spilled (benchmarks/bench_voc_memory.py --object-store-mb 5250); an epoch augmenting in Ray Data's tasks 7.5 s
+#: against 13.0 s streamed (7 GB store; the rule before, 30% of the free store, streamed it).
+CACHE_SHARE_OF_OBJECT_STORE = 0.45
 #: Rows decoded (and augmented) on the driver to measure a split's bytes per row.
 SIZE_PROBE_ROWS = 8
 #: Rows per decode / augment batch at most; fewer where rows are large, so that a batch fits in one block.
@@ -207,18 +214,28 @@ def _nbytes(value: Any) -> int:
     return int(getattr(value, "nbytes", 64))
 
 
-def should_cache(mode: str, estimate: int, object_store_bytes: float) -> bool:
+def cache_room(capacity: float, free: float) -> float:
+    """Bytes that may be cached in an object store of ``capacity`` bytes with ``free`` bytes unused
+    (:data:`CACHE_SHARE_OF_OBJECT_STORE`); negative when there is no room."""
+    return free - (1 - CACHE_SHARE_OF_OBJECT_STORE) * capacity
+
+
+def should_cache(mode: str, estimate: int, room: float) -> bool:
+    """Whether a split of ``estimate`` decoded bytes is cached under ``data.cache`` ``mode``, with ``room`` bytes
+    left to cache (:func:`cache_room`)."""
     if mode == "memory":
         return True
     if mode == "stream":
         return False
     if mode == "auto":
-        return estimate <= CACHE_SHARE_OF_OBJECT_STORE * object_store_bytes
+        return estimate <= room
     raise ValueError(f'Unknown data.cache mode "{mode}": use auto, memory or stream')
 
 
 def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
-    """The Ray Data pipeline of one split: decoded (cached or streaming), then augmented."""
+    """The Ray Data pipeline of one split: decoded (cached or streaming), then augmented. A cached split takes room
+    in the object store that the next split's cache rule sees (:func:`cache_room`): build the training split, read
+    and augmented every epoch, first."""
     index = task.index(split, cfg)
     if index.empty:
         raise ValueError(f"{task.name}: split {split!r} under {cfg.data.root} has no samples")
@@ -227,10 +244,11 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
         # Readers list samples in folder/class order: shuffle once here, and the block order every epoch below.
         index = index.sample(frac=1.0, random_state=cfg.train.seed).reset_index(drop=True)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    store = ray.available_resources().get("object_store_memory", 0.0)
+    store = ray.available_resources().get("object_store_memory", 0.0)  # free now
     sizes, max_block = row_bytes(task, cfg, index), block_bytes(store)
     estimate = int(sizes.decoded * len(index))
-    cached = should_cache(cfg.data.cache, estimate, store)
+    room = cache_room(ray.cluster_resources().get("object_store_memory", 0.0), store)
+    cached = should_cache(cfg.data.cache, estimate, room)
     # A streamed training split is shuffled by its index blocks, before the decode: as many as it has decoded blocks.
     # (RandomizeBlockOrder waits for all of its input, so after the decode it would hold the whole decoded split in
     # the object store, spilled to disk: a 2.2 GB VOC epoch on a 300 MB store spilled 9.5 GB, bench_voc_memory.py.)
@@ -249,9 +267,11 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     ds = source.map_batches(
         _decode, fn_kwargs={"task": task_path(task), "cfg": cfg}, batch_format="numpy", batch_size=decode_rows
     )
+    kept = "cached in object store" if cached else "streamed" if cfg.data.cache == "stream" \
+        else f"streamed ({max(room, 0) / 1e6:.0f} MB of the object store left to cache)"
     log.info(
         "%s/%s: %d samples, ~%.1f MB decoded -> %s, augmented %s (blocks <= %.0f MB: %d rows per decode batch)",
-        task.name, split, len(index), estimate / 1e6, "cached in object store" if cached else "streamed",
+        task.name, split, len(index), estimate / 1e6, kept,
         "by the training workers" if augments_in_worker(cfg) else f"in Ray tasks, {augment_rows} rows per batch",
         max_block / 1e6, decode_rows,
     )

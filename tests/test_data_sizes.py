@@ -1,4 +1,5 @@
-"""pipelines.data sizing: blocks small next to the object store and batches that fit a block (no Ray started)."""
+"""pipelines.data sizing: blocks small next to the object store, batches that fit a block, and which splits a run
+caches (no Ray started)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import ray.data
 
 from cvtasks.demo import voc as voc_demo
 from cvtasks.tasks.voc import VocTask
-from pipelines.data import BLOCKS_PER_STORE, batch_rows, block_bytes, row_bytes
+from pipelines.data import BLOCKS_PER_STORE, batch_rows, block_bytes, cache_room, row_bytes, should_cache
 from tests.configs import at_root, typed_config
 
 MB = 1 << 20
@@ -36,3 +37,17 @@ def test_row_bytes_measures_decoded_and_augmented_rows(tmp_path):
     pixels = sum(image.shape[0] * image.shape[1] for image in decoded["image"]) / len(index)
     assert sizes.decoded == 4 * pixels  # RGB + mask bytes per pixel (the keep flag is dropped)
     assert sizes.augmented == 32 * 48 * (3 * 4 + 1)
+
+
+def test_a_split_is_cached_while_the_store_stays_within_its_share():
+    """VOC at full size on a 5.25 GB store: the 2.2 GB training split is cached in the empty store; then the 1.1 GB
+    validation split streams, as both would not fit in 45% of the store (a smaller one would be cached); 4x VOC
+    streams, and what other jobs hold counts as the run's own splits do."""
+    store, train, val = 5_250 * MB, 2_200 * MB, 1_100 * MB
+    assert should_cache("auto", train, cache_room(store, free=store))
+    assert not should_cache("auto", val, cache_room(store, free=store - train))
+    assert should_cache("auto", 100 * MB, cache_room(store, free=store - train))
+    assert not should_cache("auto", train, cache_room(store, free=store - 500 * MB))
+    assert not should_cache("auto", 4 * train, cache_room(store, free=store))
+    assert should_cache("memory", 4 * train, cache_room(store, free=0))  # memory: always
+    assert not should_cache("stream", 1, cache_room(store, free=store))
