@@ -98,9 +98,10 @@ the store stays within 45% of it, where it had been cached only when it needed a
     voc      2,913   cached     7.96      10.8          11.9 (per-sample)     3.69 / 6.77    1.50    1.10     0.46
 
     4x/1x seconds per image after: VOC 1.06 (the 4x split streams, against the 1x pipeline streamed beside it),
-    CIFAR-10 0.64. A VOC mistake on the way: with both Ray pipelines built at once (two cached copies), the second
-    streamed, and Ray Data's datasets free their blocks only when the garbage collector frees them, so each Ray
-    pipeline now takes its rounds alone, after the last one's blocks are freed (``release``).
+    CIFAR-10 0.64. The rounds changed with the rule: built at once, Ray's two VOC pipelines could not both be
+    cached (the second streamed, and read 0.63x the DataLoader), and a dropped Ray Data dataset frees its blocks
+    only when the garbage collector runs; so each Ray pipeline takes its rounds alone, after the last one's blocks
+    are freed (``release``).
 
 Usage: python benchmarks/bench_data.py [--scale small|full] [--datasets cifar10 hotdog voc] [--epochs 3]
                                        [--epochs-4x 2] [--cpus 2] [--data-dir DIR]

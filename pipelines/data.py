@@ -214,10 +214,11 @@ def _nbytes(value: Any) -> int:
     return int(getattr(value, "nbytes", 64))
 
 
-def cache_room(capacity: float, free: float) -> float:
-    """Bytes that may be cached in an object store of ``capacity`` bytes with ``free`` bytes unused
+def cache_room(capacity: float, free: float, runs: int = 1) -> float:
+    """Bytes that one of ``runs`` runs starting at once (a sweep's concurrent trials, which all see the same free
+    store) may cache in an object store of ``capacity`` bytes with ``free`` bytes unused
     (:data:`CACHE_SHARE_OF_OBJECT_STORE`); negative when there is no room."""
-    return free - (1 - CACHE_SHARE_OF_OBJECT_STORE) * capacity
+    return (free - (1 - CACHE_SHARE_OF_OBJECT_STORE) * capacity) / max(runs, 1)
 
 
 def should_cache(mode: str, estimate: int, room: float) -> bool:
@@ -232,10 +233,11 @@ def should_cache(mode: str, estimate: int, room: float) -> bool:
     raise ValueError(f'Unknown data.cache mode "{mode}": use auto, memory or stream')
 
 
-def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
+def build_split(task: Task, cfg: Config, split: str, train: bool, concurrent_runs: int = 1) -> SplitData:
     """The Ray Data pipeline of one split: decoded (cached or streaming), then augmented. A cached split takes room
     in the object store that the next split's cache rule sees (:func:`cache_room`): build the training split, read
-    and augmented every epoch, first."""
+    and augmented every epoch, first. ``concurrent_runs``: runs that may build their splits at the same time as
+    this one (a sweep's concurrent trials), which share the room to cache."""
     index = task.index(split, cfg)
     if index.empty:
         raise ValueError(f"{task.name}: split {split!r} under {cfg.data.root} has no samples")
@@ -247,7 +249,7 @@ def build_split(task: Task, cfg: Config, split: str, train: bool) -> SplitData:
     store = ray.available_resources().get("object_store_memory", 0.0)  # free now
     sizes, max_block = row_bytes(task, cfg, index), block_bytes(store)
     estimate = int(sizes.decoded * len(index))
-    room = cache_room(ray.cluster_resources().get("object_store_memory", 0.0), store)
+    room = cache_room(ray.cluster_resources().get("object_store_memory", 0.0), store, concurrent_runs)
     cached = should_cache(cfg.data.cache, estimate, room)
     # A streamed training split is shuffled by its index blocks, before the decode: as many as it has decoded blocks.
     # (RandomizeBlockOrder waits for all of its input, so after the decode it would hold the whole decoded split in

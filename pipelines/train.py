@@ -261,7 +261,7 @@ def run_training(
     cfg: TaskConfig, tracking_uri: str, resume: str | None = None, storage: str | None = None, *,
     run_tags: dict[str, str] | None = None, parent_run_id: str | None = None, callbacks: list | None = None,
     held_cpus: float = 0.0, weights: ResolvedWeights | None = None, register_alias: str | None = None,
-    run_name: str | None = None,
+    run_name: str | None = None, concurrent_runs: int = 1,
 ) -> TrainOutcome:
     """Train ``cfg.task`` with Ray Train and track it in MLflow.
 
@@ -270,7 +270,8 @@ def run_training(
     ``held_cpus``: CPUs the processes driving this run hold besides its workers (a sweep's trial functions);
     ``weights``: ``model.weights`` already read by a sweep's driver (else read here); ``register_alias``: register
     the finished run's model as a new version of ``raycv-<task>`` and point this alias at it; ``run_name``: the
-    new run's name in MLflow (default: task, workers and the date).
+    new run's name in MLflow (default: task, workers and the date); ``concurrent_runs``: runs that may start beside
+    this one (a sweep's concurrent trials), which share the object store's room to cache decoded splits.
     """
     started = time.perf_counter()
     task = get_task(cfg.task)
@@ -288,8 +289,8 @@ def run_training(
     phases = {"weights and MLflow run": time.perf_counter() - started}
     try:
         _raise_original_data_errors()
-        train = build_split(task, cfg, "train", train=True)
-        val = build_split(task, cfg, "val", train=False)
+        train = build_split(task, cfg, "train", train=True, concurrent_runs=concurrent_runs)
+        val = build_split(task, cfg, "val", train=False, concurrent_runs=concurrent_runs)
         if not resume:
             _describe_inputs(client, run_id, task, cfg, {"train": train, "val": val})
         trainer = TorchTrainer(

@@ -127,6 +127,7 @@ def sweep_trial(config: dict[str, Any], base: dict[str, Any], task_path: str,
         cfg, config["tracking_uri"], resume=existing, storage=config["storage"],
         run_tags=tags, parent_run_id=config["parent_run_id"], callbacks=[TuneReportCallback()],
         held_cpus=config["held_cpus"], weights=weights, run_name=f"{cfg.task}-{context.get_trial_name()}",
+        concurrent_runs=config.get("concurrent_runs", 1),  # absent from sweeps started before it was added
     )
 
 
@@ -223,6 +224,8 @@ def run_sweep(
         "sampled": space, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "storage": storage,
         # what the concurrent trial functions hold: each trial's workers leave Ray Data a whole CPU beside them
         "held_cpus": max_concurrent * driver_cpus,
+        # trials starting together all see the same free object store: each caches in its share of the room
+        "concurrent_runs": max_concurrent,
     }
     try:
         if resume:

@@ -51,3 +51,11 @@ def test_a_split_is_cached_while_the_store_stays_within_its_share():
     assert not should_cache("auto", 4 * train, cache_room(store, free=store))
     assert should_cache("memory", 4 * train, cache_room(store, free=0))  # memory: always
     assert not should_cache("stream", 1, cache_room(store, free=store))
+
+
+def test_concurrent_runs_share_the_room_to_cache():
+    """A sweep's trials that start together all see the same free store: each may cache only its share."""
+    store = 5_250 * MB
+    alone = cache_room(store, free=store)
+    assert cache_room(store, free=store, runs=2) == alone / 2
+    assert should_cache("auto", 1_500 * MB, alone) and not should_cache("auto", 1_500 * MB, alone / 2)
