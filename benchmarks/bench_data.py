@@ -56,10 +56,10 @@ operators) mostly admits one task at a time: one worker does 3 of the 4 blocks
 (``op_resource_reservation_enabled=False`` balances them 50/50); Ray's per-epoch plan start-up, stats actor and pipeline
 fill/drain make up the rest (a fixed ~1 s per epoch: 4x/1x is 0.52 on CIFAR, 0.89 on VOC). The decode "limit" of CIFAR
 is a reshape of bytes already in memory, so no pipeline that augments approaches 0.8x of it (the plain processes
-decoding and augmenting reach 0.5x). VOC does not fit the cache rule (2.2 GB decoded > 30% of the store), so Ray decodes
-every epoch like the DataLoaders, and moves each epoch's crops (float32) and masks (uint8) through the object store,
-where the DataLoaders hand their batches over in shared memory; augmenting in the loop moves the decoded uint8 scenes
-instead but augments on the consumer's one core (22.2 s).
+decoding and augmenting reach 0.5x). VOC did not fit the cache rule of then (2.2 GB decoded > 30% of the store; see
+below for the rule that caches it), so Ray decoded every epoch like the DataLoaders, and moved each epoch's crops
+(float32) and masks (uint8) through the object store, where the DataLoaders hand their batches over in shared memory;
+augmenting in the loop moved the decoded uint8 scenes instead but augmented on the consumer's one core (22.2 s).
 
 Without the reservation (``op_resource_reservation_enabled = False`` on the split pipelines' context; measured in
 two runs side by side, full scale): VOC 0.96x the DataLoader instead of 0.85x, CIFAR-10's pipeline 0.65x instead
