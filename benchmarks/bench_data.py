@@ -157,6 +157,7 @@ WARM_UP_IMAGES = 32
 RELEASE_SECONDS, RELEASED_SHARE = 10.0, 0.95
 #: The linearity check builds Ray's pipeline on the index repeated this many times.
 REPEAT = 4
+RAY_4X = f"Ray Data {REPEAT}x"
 DATASETS = ("cifar10", "hotdog", "voc")
 #: Ray's sides: augmenting in the pipeline's tasks, and in the consumer (``data.augment_on: worker``).
 RAY, RAY_IN_LOOP = "Ray Data", "Ray Data, augment in loop"
@@ -360,9 +361,7 @@ class Bench:
     warm_cfg: Config
     description: str
     images: int = 0
-    cached: bool | None = None
-    cached_in_loop: bool | None = None
-    cached_4x: bool | None = None
+    cached: dict[str, bool] = field(default_factory=dict)  # Ray side's label -> whether its split was cached
     sides: dict[str, Side] = field(default_factory=dict)
 
 
@@ -493,17 +492,14 @@ def run_bench(bench: Bench, args: argparse.Namespace) -> None:
     for label, cfg in ((RAY, bench.cfg), (RAY_IN_LOOP, augmenting_in_loop(bench.cfg))):
         side = bench.sides[label] = ray_side(task, cfg, label)
         side.run_first()
-        if label == RAY:
-            bench.cached = side.state.cached
-        else:
-            bench.cached_in_loop = side.state.cached
+        bench.cached[label] = side.state.cached
         steady_rounds([*anchors, side], args.epochs)
         release(side)
     if args.epochs_4x:
-        ray_4x = bench.sides[f"Ray Data {REPEAT}x"] = ray_side(repeated(task, REPEAT), bench.cfg, f"Ray Data {REPEAT}x")
+        ray_4x = bench.sides[RAY_4X] = ray_side(repeated(task, REPEAT), bench.cfg, RAY_4X)
         ray_4x.run_first()
-        bench.cached_4x = ray_4x.state.cached
-        base = bench.sides[LINEAR_BASE] = ray_side(task, caching(bench.cfg, bench.cached_4x), LINEAR_BASE)
+        bench.cached[ray_4x.label] = ray_4x.state.cached
+        base = bench.sides[LINEAR_BASE] = ray_side(task, caching(bench.cfg, ray_4x.state.cached), LINEAR_BASE)
         base.run_first()
         steady_rounds([base, ray_4x], args.epochs_4x)
         release(ray_4x, base)
@@ -533,13 +529,13 @@ def report(benches: list[Bench], args: argparse.Namespace, init_seconds: float, 
         loader = max(sides["DataLoader per-sample"].timing.steady_rate, sides["DataLoader batched"].timing.steady_rate)
         decode = sides["decode limit"].timing.steady_rate
         full = sides["decode+augment limit"].timing.steady_rate
-        x4, base = sides.get(f"Ray Data {REPEAT}x"), sides.get(LINEAR_BASE)
+        x4, base = sides.get(RAY_4X), sides.get(LINEAR_BASE)
         linear = x4 is not None and base is not None
         linear_steady = base.timing.steady_rate / x4.timing.steady_rate if linear and x4.timing.steady_epochs \
             else math.nan
         linear_first = base.timing.first_rate / x4.timing.first_rate if linear else math.nan
-        ratios.append([bench.name, bench.images, bench.description, cache_word(bench.cached),
-                       cache_word(bench.cached_in_loop), cache_word(bench.cached_4x),
+        ratios.append([bench.name, bench.images, bench.description,
+                       *(cache_word(bench.cached.get(label)) for label in (RAY, RAY_IN_LOOP, RAY_4X)),
                        round(ray_1x.steady_rate / loader, 2),
                        round(in_loop.steady_rate / loader, 2), round(ray_1x.steady_rate / decode, 2),
                        round(ray_1x.steady_rate / full, 2),

@@ -99,8 +99,9 @@ def run(cfg: Config, images: int, object_store_mb: int) -> None:
         index = task.index("train", cfg)
         estimate = int(row_bytes(task, cfg, index).decoded * len(index))
         store = ray.available_resources()["object_store_memory"]
+        room = cache_room(ray.cluster_resources()["object_store_memory"], store)  # as build_split's rule
         log.info("decoded split ~%.0f MB; object store %.0f MB -> auto would %s", estimate / MB, store / MB,
-                 "cache" if should_cache("auto", estimate, cache_room(store, store)) else "stream")
+                 "cache" if should_cache("auto", estimate, room) else "stream")
         baseline = private_memory()
         with StoreSampler() as sampler:
             start = time.perf_counter()
