@@ -41,6 +41,19 @@ def test_index_digest_follows_the_rows_not_their_order_of_creation():
     assert index_digest(boxes) != index_digest(boxes.assign(boxes=[np.array([[0, 1.0, 2.0, 3.0, 5.0]])]))
 
 
+def test_index_digest_sees_every_byte_of_raw_and_large_cells():
+    pixels = pd.DataFrame({"pixels": [bytes(3072), bytes(3072)], "label": [0, 1]})  # CIFAR-style raw rows
+    changed = pixels.assign(pixels=[bytes(3072), bytes(1500) + b"\x01" + bytes(1571)])
+    assert index_digest(pixels) != index_digest(changed)
+    big = np.zeros((400, 5))  # pandas' CSV text prints arrays this large with "..." in the middle
+    other = big.copy()
+    other[200, 3] = 1.0
+    assert index_digest(pd.DataFrame({"boxes": [big]})) != index_digest(pd.DataFrame({"boxes": [other]}))
+    # a cell's type and its split between cells count, not only its characters
+    assert index_digest(pd.DataFrame({"a": ["1"]})) != index_digest(pd.DataFrame({"a": [1]}))
+    assert index_digest(pd.DataFrame({"a": [[1, 2], [3]]})) != index_digest(pd.DataFrame({"a": [[1], [2, 3]]}))
+
+
 def test_steps_per_epoch_is_each_workers_share_rounded_up():
     assert steps_per_epoch(1000, 2, 64) == 8
     assert steps_per_epoch(128, 1, 64) == 2
