@@ -14,6 +14,7 @@ from pipelines import logs
 from pipelines.config import ConfigError, file_sets, load_config
 from pipelines.download import DownloadError
 from pipelines.failures import RunError
+from pipelines.progress import console_style
 from pipelines.runners import OUTPUT_DIR
 
 #: Errors that say what is wrong with the user's input or setup: printed as one line, exit status 2.
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # raycv prints its own run links
     logs.set_verbose(args.verbose)
     try:
+        console_style()  # a wrong $RAYCV_PROGRESS fails here, before anything starts
         if hasattr(args, "address") and args.address is None and not os.environ.get("RAY_ADDRESS"):
             _join_warm_cluster()  # the commands that run on Ray take --address
         return int(args.func(args) or 0)

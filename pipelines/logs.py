@@ -127,6 +127,13 @@ def filter_process_output() -> None:
         dispatcher.add_handler(name, filtered)
 
 
+def configure_worker_logging(verbose: bool) -> None:
+    """In a Ray worker process that runs raycv's code: its INFO lines (progress lines, epoch summaries) on the
+    driver's console, DEBUG with -v, and the quiet Ray loggers below."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_worker_loggers(verbose)
+
+
 def quiet_worker_loggers(verbose: bool) -> None:
     """In a Ray Train worker: Ray Train's per-report lines, Ray Data's execution lines (a single worker runs its
     splits' executions in its own process), MLflow's system-metrics notices and torch's warning about read-only

@@ -109,9 +109,7 @@ class WorkerRun:
 def start_worker(config: dict[str, Any]) -> WorkerRun:
     """Seed, threads, the model (with the driver's weights), the optimiser, and the state of the last checkpoint
     when this attempt resumes; tags the run with this worker group's placement."""
-    logging.basicConfig(level=logging.DEBUG if config.get("verbose") else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    logs.quiet_worker_loggers(bool(config.get("verbose")))
+    logs.configure_worker_logging(bool(config.get("verbose")))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = config["cfg"]
@@ -188,8 +186,8 @@ def train_epoch(run: WorkerRun, epoch: int) -> PassSums:
     first: list[tuple[float, TensorBatch]] = []
 
     batches = shard_batches(run, "train", batch_size, epoch, SHUFFLE_BUFFER_BATCHES * batch_size)
-    bar = EpochProgress(epoch, epochs, steps_per_epoch(run.config["train_rows"], run.world, batch_size)) \
-        if run.rank == 0 else None
+    bar = EpochProgress(epoch, epochs, steps_per_epoch(run.config["train_rows"], run.world, batch_size),
+                        run.config.get("progress", "bar")) if run.rank == 0 else None
     try:
         sums = train_one_epoch(
             run.task, run.model, run.optimizer, batches, cfg, run.device,
@@ -225,7 +223,7 @@ def checkpoint_and_report(run: WorkerRun, epoch: int, metrics: dict[str, float])
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"cfg": task config, "task": its ``module:Class`` (``task_path``),
     "tracking_uri": str, "run_id": str, "weights": the driver's :class:`pipelines.handoff.ResolvedWeights` or
-    None, "train_rows": rows of the train split, "verbose": bool}."""
+    None, "train_rows": rows of the train split, "verbose": bool, "progress": console style}."""
     run = start_worker(config)
     cfg, epochs = run.cfg, run.cfg.train.epochs
     fail_at = cfg.train.inject_failure_at_epoch

@@ -47,9 +47,9 @@ from cvtasks.style import (
     seeded_extractor,
     stylize,
 )
-from pipelines import tracking
+from pipelines import logs, tracking
 from pipelines.config import ConfigError
-from pipelines.progress import StepProgress
+from pipelines.progress import StepProgress, console_style
 from pipelines.report import format_table, ui_command
 from pipelines.sweep_plan import SweepPlan, trial_config
 
@@ -197,13 +197,15 @@ class PairOutcome:
 
 @ray.remote
 def _stylize_task(cfg: TaskConfig, extractor: VGGFeatures, content_img: Image.Image, style_img: Image.Image,
-                  tracking_uri: str, run_id: str) -> tuple[dict[str, float], Image.Image]:
-    """One pair in a Ray worker, with the extractor the driver built and a progress bar on the driver's console:
-    (last metrics, final image)."""
+                  tracking_uri: str, run_id: str, console: str, verbose: bool) -> tuple[dict[str, float], Image.Image]:
+    """One pair in a Ray worker, with the extractor the driver built and its progress on the driver's console in
+    the driver's ``console`` style (:func:`pipelines.progress.console_style`), its debug lines where the driver's
+    ``verbose``: (last metrics, final image)."""
+    logs.configure_worker_logging(verbose)
     client = MlflowClient(tracking_uri)
     started = time.perf_counter()
     [(content, style)] = configured_pairs(cfg)
-    bar = StepProgress(pair_name(content, style), cfg.style.steps)
+    bar = StepProgress(pair_name(content, style), cfg.style.steps, console)
     try:
         progress = tracked_stylize(client, run_id, cfg, content_img, style_img, _device(cfg), extractor, bar)
         metrics, image = deque(progress, maxlen=1)[0]  # run to the end, keep the last
@@ -241,7 +243,7 @@ def run_pairs(cfg: TaskConfig, inputs: Sequence[InputPair], tracking_uri: str,
         log.info("%s: MLflow %s", pair_name(content, style), tracking.run_url(tracking_uri, experiment_id, run_id))
         outcomes.append(PairOutcome(content, style, run_id, experiment_id))
         ref = _stylize_task.options(**resources).remote(pair_cfg, extractor, content_img, style_img, tracking_uri,
-                                                        run_id)
+                                                        run_id, console_style(), logs.verbose())
         pending[ref] = (outcomes[-1], time.perf_counter())
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     while pending:

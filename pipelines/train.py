@@ -38,6 +38,7 @@ from pipelines import failures, logs, tracking
 from pipelines.config import ConfigError, check_values
 from pipelines.data import augments_in_worker, build_split, should_cache, task_path
 from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
+from pipelines.progress import console_style
 from pipelines.run_logging import FIRST_STEP_TAG
 from pipelines.steps import lr_factor, make_optimizer
 from pipelines.weights import check_weights, put_weights
@@ -297,7 +298,8 @@ def run_training(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg, "task": task_path(task), "tracking_uri": tracking_uri, "run_id": run_id,
                                "weights": weights,
-                               "train_rows": train.rows, "verbose": logs.verbose()},
+                               "train_rows": train.rows, "verbose": logs.verbose(),
+                               "progress": console_style()},
             scaling_config=scaling_config(cfg, held_cpus),
             run_config=RunConfig(
                 name=name,

@@ -29,6 +29,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from cvtasks import storage
 from pipelines.config import load_config
 from pipelines.predict import load_logged_model
+from pipelines.progress import PROGRESS_ENV
 from pipelines.train import run_training
 from tests.services import NODE_SLOT, add_ray_node, kill_session
 
@@ -145,8 +146,9 @@ def test_stylize_reads_its_images_from_s3(s3_env, mlflow_server, s3_demo_root, t
     out = tmp_path / "styled"
     result = _raycv(["stylize", "--content", content, "--style", style, "--steps", "4", "--size", "32", "32",
                      "--set", "style.log_every=2", "--output-dir", str(out), "--tracking-uri", mlflow_server.url],
-                    s3_env)
+                    {**s3_env, PROGRESS_ENV: "bar"})  # as on a terminal
     assert list(out.glob("*.png")), result.stdout
+    assert "step/s]" in result.stdout + result.stderr  # the pair's progress bar, drawn on the driver
 
 
 def test_data_check_make_demo_and_reuse_on_s3(s3_env, s3_server, s3_demo_root):

@@ -82,7 +82,8 @@ def test_resume_continues_the_same_mlflow_run(ray_cluster, mlflow_server, demo_r
 
 def test_local_cli_train_then_predict(demo_root, tmp_path):
     """No cluster address: `raycv train` starts its own local Ray; `raycv predict` uses the logged model. Also what a
-    newcomer sees: quiet output with a progress bar and where the seconds went, and a run that explains itself."""
+    newcomer sees: quiet output, progress lines fit for a log file, where the seconds went, and a run that explains
+    itself."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [arg for item in HOTDOG_FAST for arg in ("--set", item)]
@@ -101,7 +102,9 @@ def test_local_cli_train_then_predict(demo_root, tmp_path):
     lines = [line for line in console.splitlines()
              if line.strip() and "epoch 1/1" not in line and "(PlacementGroupCleaner pid=" not in line]
     assert len(lines) <= 18, "\n".join(lines)
-    assert "step/s]" in console  # rank 0's progress bar (tqdm), drawn on the driver
+    # into a pipe, as into a log file, progress comes as plain lines, not a bar redrawn with carriage returns
+    assert "\r" not in console and "step/s]" not in console
+    assert "epoch 1/1 train_loss=" in console
     assert console.count("\nseconds: start-up ") == 1
     client = MlflowClient(tracking)
     run = client.search_runs([client.get_experiment_by_name("raycv-hotdog").experiment_id])[0]
