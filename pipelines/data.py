@@ -267,11 +267,12 @@ def build_split(task: Task, cfg: Config, split: str, train: bool, concurrent_run
     if train:
         # Readers list samples in folder/class order: shuffle once here, and the block order every epoch below.
         index = index.sample(frac=1.0, random_state=cfg.train.seed).reset_index(drop=True)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    capacity = ray.cluster_resources()
+    cpus = max(1, int(capacity.get("CPU", 1)))
     store = ray.available_resources().get("object_store_memory", 0.0)  # free now
     sizes, max_block = row_bytes(task, cfg, index), block_bytes(store)
     estimate = int(sizes.decoded * len(index))
-    room = cache_room(ray.cluster_resources().get("object_store_memory", 0.0), store, concurrent_runs)
+    room = cache_room(capacity.get("object_store_memory", 0.0), store, concurrent_runs)
     cached = should_cache(cfg.data.cache, estimate, room)
     # A streamed training split is shuffled by its index blocks, before the decode: as many as it has decoded blocks.
     # (RandomizeBlockOrder waits for all of its input, so after the decode it would hold the whole decoded split in
