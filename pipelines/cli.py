@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from cvtasks.errors import DataFormatError
@@ -14,6 +15,7 @@ from pipelines import logs
 from pipelines.config import ConfigError, file_sets, load_config
 from pipelines.download import DownloadError
 from pipelines.failures import RunError
+from pipelines.interrupts import RunInterrupted
 from pipelines.progress import console_style
 from pipelines.runners import OUTPUT_DIR
 
@@ -320,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "address") and args.address is None and not os.environ.get("RAY_ADDRESS"):
             _join_warm_cluster()  # the commands that run on Ray take --address
         return int(args.func(args) or 0)
+    except RunInterrupted as exc:
+        print(f"raycv: {exc}", file=sys.stderr)
+        return 128 + exc.signal_number
+    except KeyboardInterrupt:  # Ctrl-C outside a training run's fit (which raises RunInterrupted)
+        print("raycv: stopped by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
     except USER_ERRORS as exc:
         if args.verbose:
             raise

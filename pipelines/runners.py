@@ -111,7 +111,7 @@ class TrainRunner:
         warm_map_workers(get_task(task))
         phases["Ray"] = time.perf_counter() - started - phases["checks"]
         outcome = run_training(cfg, request.tracking_uri, resume=resume, storage=request.storage,
-                               register_alias=LATEST_ALIAS)
+                               register_alias=LATEST_ALIAS, stop_signals=True)
         print_summary([(task, outcome)], request.tracking_uri, metric_key=None)
         print(seconds_line({**phases, **outcome.phases}))
         if outcome.registered_version:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +34,7 @@ from pipelines import failures, logs, tracking
 from pipelines.config import ConfigError, check_values
 from pipelines.data import augments_in_worker, build_split, should_cache, task_path
 from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
+from pipelines.interrupts import RunInterrupted, fit_run
 from pipelines.progress import console_style
 from pipelines.run_logging import FIRST_STEP_TAG
 from pipelines.steps import lr_factor, make_optimizer
@@ -94,23 +91,6 @@ def worker_cpus(requested: float, workers: int, cluster_cpus: float, held_cpus: 
     log.warning("%d workers x %g CPU would leave Ray Data no CPU on this %g-CPU cluster%s: using %.2f CPU per "
                 "worker", workers, requested, cluster_cpus, held, lowered)
     return lowered
-
-
-@contextmanager
-def _sigint_handler_restored() -> Iterator[None]:
-    """Put back the SIGINT handler that ``TorchTrainer.fit`` replaces on the main thread.
-
-    Ray Train's handler (Ctrl-C aborts the run) closes over the run's controller actor handle, so left installed it
-    keeps that controller alive for as long as a long-lived process (a notebook, a test session) runs.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def check_config(cfg: TaskConfig) -> None:
@@ -236,9 +216,20 @@ def resume_run_id(client: MlflowClient, task: str, resume: str) -> str:
 
 
 def _status_after(error: BaseException) -> str:
-    """MLflow status of a run ``trainer.fit`` left with ``error``: Tune stops a trial (ASHA) by raising
-    ``SystemExit(0)`` in it, which ends the run KILLED, not FAILED."""
-    return "KILLED" if isinstance(error, SystemExit) and not error.code else "FAILED"
+    """MLflow status of a run ``trainer.fit`` left with ``error``: KILLED where it was stopped, by a stop signal
+    (:mod:`pipelines.interrupts`) or by Tune, which stops a trial (ASHA) by raising ``SystemExit(0)`` in it; else
+    FAILED."""
+    stopped = isinstance(error, (RunInterrupted, KeyboardInterrupt)) or (isinstance(error, SystemExit)
+                                                                          and not error.code)
+    return "KILLED" if stopped else "FAILED"
+
+
+def _interrupted_message(client: MlflowClient, run_id: str, task: Task, cfg: TaskConfig,
+                         error: RunInterrupted) -> str:
+    """What the CLI prints for a run a stop signal ended: after how many epochs, where it is, how to go on."""
+    done = len(client.get_metric_history(run_id, task.metric))
+    return (f"{error} after {done} of {cfg.train.epochs} epochs: MLflow run {run_id} is marked KILLED and its "
+            f"checkpoints are kept; the same command with --resume {run_id} continues it")
 
 
 def _raise_original_data_errors() -> None:
@@ -262,7 +253,7 @@ def run_training(
     cfg: TaskConfig, tracking_uri: str, resume: str | None = None, storage: str | None = None, *,
     run_tags: dict[str, str] | None = None, parent_run_id: str | None = None, callbacks: list | None = None,
     held_cpus: float = 0.0, weights: ResolvedWeights | None = None, register_alias: str | None = None,
-    run_name: str | None = None, concurrent_runs: int = 1,
+    run_name: str | None = None, concurrent_runs: int = 1, stop_signals: bool = False,
 ) -> TrainOutcome:
     """Train ``cfg.task`` with Ray Train and track it in MLflow.
 
@@ -272,7 +263,9 @@ def run_training(
     ``weights``: ``model.weights`` already read by a sweep's driver (else read here); ``register_alias``: register
     the finished run's model as a new version of ``raycv-<task>`` and point this alias at it; ``run_name``: the
     new run's name in MLflow (default: task, workers and the date); ``concurrent_runs``: runs that may start beside
-    this one (a sweep's concurrent trials), which share the object store's room to cache decoded splits.
+    this one (a sweep's concurrent trials), which share the object store's room to cache decoded splits;
+    ``stop_signals``: Ctrl-C and SIGTERM end the run at once with :class:`pipelines.interrupts.RunInterrupted`, for
+    a process that exits after the run (``raycv train``; see :func:`pipelines.interrupts.fit_run`).
     """
     started = time.perf_counter()
     task = get_task(cfg.task)
@@ -317,11 +310,12 @@ def run_training(
         phases["data pipelines"] = time.perf_counter() - started - sum(phases.values())
         fit_started = time.time()
         logs.quiet_train_environment()
-        with _sigint_handler_restored():
-            result = trainer.fit()
+        result = fit_run(trainer.fit, stop_signals)
         phases.update(_fit_phases(client, run_id, fit_started, time.time()))
     except BaseException as error:
         _record_failure(client, run_id, error)
+        if isinstance(error, RunInterrupted):
+            raise RunInterrupted(error.signal_number, _interrupted_message(client, run_id, task, cfg, error)) from None
         cause = failures.deterministic_cause(error)
         if cause is not None and cause is not error:
             raise failures.DeterministicError(failures.one_line(cause)) from error

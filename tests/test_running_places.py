@@ -1,11 +1,14 @@
-"""raycv where users run it: a token-protected job API, `--resume`, and the plain local CLI."""
+"""raycv where users run it: a token-protected job API, `--resume`, the plain local CLI, and a run stopped by a
+signal."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import logs
 from pipelines.config import load_config
 from pipelines.train import run_training
+from pipelines.warm_cluster import session_processes
 
 pytestmark = pytest.mark.slow
 
@@ -125,3 +129,47 @@ def test_local_cli_train_then_predict(demo_root, tmp_path):
     assert [r["image"] for r in records] == [str(p) for p in images]
     assert all(r["class"] in ("hotdog", "not-hotdog") and 0.0 <= r["probability"] <= 1.0 for r in records)
     assert (out / "predictions.png").stat().st_size > 0
+
+
+def test_sigterm_stops_a_run_that_says_how_to_continue_it(demo_root, tmp_path):
+    """``kill`` (or a batch scheduler) mid-run: one line naming the run and how to go on, exit 128 + 15, the MLflow
+    run KILLED with its epochs, no stack dump from Ray's C++ signal handler, and the command's own Ray gone."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [arg for item in HOTDOG_FAST for arg in ("--set", item)]
+    cmd = [str(BIN / "raycv"), "train", "hotdog", "--data-root", str(demo_root), "--epochs", "50",
+           "--set", "model.weights=scratch", *sets, "--tracking-uri", tracking, "--storage", str(tmp_path / "ray")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own session, which the local Ray it starts inherits
+    client = MlflowClient(tracking)
+    run_id = _first_epoch_logged(client, "raycv-hotdog", proc)
+    proc.send_signal(signal.SIGTERM)
+    console, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, console[-3000:]
+    last = console.strip().splitlines()[-1]
+    assert last.startswith("raycv: stopped by SIGTERM after ") and f"--resume {run_id} continues it" in last, last
+    assert "SIGTERM received" not in console
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert f"after {len(_epochs_logged(client, run_id))} of 50 epochs" in last
+    assert _session_processes_left(proc.pid) == [], "the command's local Ray outlived it"
+
+
+def _first_epoch_logged(client: MlflowClient, experiment: str, proc: subprocess.Popen, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
+            return runs[0].info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no epoch logged in {timeout} s")
+
+
+def _session_processes_left(session: int, grace_s: float = 30) -> list:
+    """Processes still in session ``session`` after up to ``grace_s`` seconds."""
+    deadline = time.monotonic() + grace_s
+    while (left := session_processes(session)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left

@@ -1,0 +1,105 @@
+"""Ctrl-C and SIGTERM on the driver of a training run: the run stops, its MLflow run says so, and the command
+says how to continue it.
+
+Ray Train's own Ctrl-C handler (``TorchTrainer.fit`` installs it on the main thread) aborts the run through its
+controller and then exits 1 without a word of why, which left the MLflow run FAILED as "SystemExit: 1"; SIGTERM
+(``kill``, ``timeout``, a batch scheduler ending a job) reached Ray's C++ failure handler, which printed stack
+dumps. Here both signals raise :class:`RunInterrupted` in the driver's main thread while ``fit`` runs in a helper
+thread, where Ray Train installs no handler (as in a Tune trial). The run's Ray Train controller and workers are
+actors of this driver's job, so they end with it as ``raycv train`` exits; its checkpoints stay for ``--resume``.
+A caller that lives on after the run (a notebook, a test session) keeps Ray Train's own handler (:func:`fit_run`).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from pipelines.failures import RunError
+
+T = TypeVar("T")
+
+#: What stops a run: Ctrl-C, and what ``kill``, ``timeout`` and batch schedulers send.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: How often the main thread wakes from waiting on ``fit`` (a signal's handler runs only then).
+JOIN_SECONDS = 0.2
+
+
+class RunInterrupted(RunError):
+    """A stop signal ended the run; the CLI prints the message and exits 128 + the signal's number."""
+
+    def __init__(self, signal_number: int, message: str | None = None) -> None:
+        self.signal_number = signal_number
+        super().__init__(message or f"stopped by {signal.Signals(signal_number).name}")
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Within it, SIGINT and SIGTERM raise :class:`RunInterrupted` in the main thread; in any other thread (a Tune
+    trial's, where Tune handles signals) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signal_number: int, frame: Any) -> None:
+        raise RunInterrupted(signal_number)
+
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def fit_interruptibly(fit: Callable[[], T]) -> T:
+    """``fit()`` in a helper thread when called on the main thread, which waits for it, so that a stop signal
+    reaches :func:`stop_signals_raise`'s handler rather than one ``fit`` installs; elsewhere just ``fit()``."""
+    if threading.current_thread() is not threading.main_thread():
+        return fit()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as error:  # handed to the main thread below
+            outcome["error"] = error
+
+    helper = threading.Thread(target=run, name="raycv-fit", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(JOIN_SECONDS)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+@contextmanager
+def _sigint_handler_restored() -> Iterator[None]:
+    """Put back the SIGINT handler that ``TorchTrainer.fit`` replaces on the main thread.
+
+    Ray Train's handler (Ctrl-C aborts the run) closes over the run's controller actor handle, so left installed it
+    keeps that controller alive for as long as a long-lived process (a notebook, a test session) runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def fit_run(fit: Callable[[], T], stop_signals: bool) -> T:
+    """``fit()`` (a ``TorchTrainer``'s) on the driver. With ``stop_signals`` (``raycv train``, whose process ends
+    with the run), Ctrl-C and SIGTERM raise :class:`RunInterrupted` at once and the process's exit ends the run.
+    Without (a caller that lives on), Ray Train's own Ctrl-C handler aborts the run through its controller."""
+    if stop_signals:
+        with stop_signals_raise():
+            return fit_interruptibly(fit)
+    with _sigint_handler_restored():
+        return fit()

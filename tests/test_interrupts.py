@@ -1,0 +1,62 @@
+"""Stop signals on a training run's driver (pipelines.interrupts), in this process: the main thread gets
+RunInterrupted while the work goes on in a helper thread. The whole command under SIGTERM is in
+tests/test_running_places.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pipelines.interrupts import RunInterrupted, fit_interruptibly, stop_signals_raise
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_raises_run_interrupted_and_the_handlers_come_back(number):
+    before = signal.getsignal(number)
+    started = threading.Event()
+
+    def fit() -> str:
+        started.set()
+        time.sleep(5)
+        return "finished"
+
+    def send() -> None:
+        started.wait(5)
+        os.kill(os.getpid(), number)
+
+    threading.Thread(target=send, daemon=True).start()
+    began = time.perf_counter()
+    with pytest.raises(RunInterrupted) as stopped, stop_signals_raise():
+        fit_interruptibly(fit)
+    assert time.perf_counter() - began < 2.5  # the main thread did not wait for fit to end
+    assert stopped.value.signal_number == number
+    assert str(stopped.value) == f"stopped by {signal.Signals(number).name}"
+    assert signal.getsignal(number) is before
+
+
+def test_fit_interruptibly_returns_fits_result_and_raises_its_error():
+    assert fit_interruptibly(lambda: 42) == 42
+
+    def broken() -> None:
+        raise FileNotFoundError("no such split")
+
+    with pytest.raises(FileNotFoundError, match="no such split"):
+        fit_interruptibly(broken)
+
+
+def test_off_the_main_thread_nothing_changes():
+    """A Tune trial runs its training off the main thread: no handlers (Python refuses them there), fit in place."""
+    seen = {}
+
+    def trial() -> None:
+        with stop_signals_raise():
+            seen["thread"] = fit_interruptibly(lambda: threading.current_thread().name)
+
+    worker = threading.Thread(target=trial, name="trial")
+    worker.start()
+    worker.join(5)
+    assert seen == {"thread": "trial"}
