@@ -12,6 +12,7 @@ A caller that lives on after the run (a notebook, a test session) keeps Ray Trai
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -103,3 +104,40 @@ def fit_run(fit: Callable[[], T], stop_signals: bool) -> T:
             return fit_interruptibly(fit)
     with _sigint_handler_restored():
         return fit()
+
+
+#: Tune's switch for the SIGINT handler ``Tuner.fit`` installs (its SIGUSR1 handler, the same, stays).
+TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+@contextmanager
+def stop_signals_stop_tune() -> Iterator[list[int]]:
+    """Within it (around ``Tuner.fit`` on the main thread), Ctrl-C and SIGTERM stop a sweep the way Tune stops one
+    on Ctrl-C (its handler saves the experiment's state and ends the sweep), and are recorded: the yielded list
+    holds the signals received, so the caller knows the sweep was stopped (Tune's results do not say so: a stopped
+    trial can read as terminated). Tune's SIGINT handler is switched off and its SIGUSR1 handler, the same, is
+    sent instead. (Without this, SIGTERM reached Ray's C++ failure handler, which printed stack dumps.)"""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signal_number: int, frame: Any) -> None:
+        received.append(signal_number)
+        if len(received) == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's stop handler
+        else:  # a second one: stop waiting for Tune to save (as a second Ctrl-C does in Tune)
+            raise RunInterrupted(received[0])
+
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    switch = os.environ.get(TUNE_SIGINT_SWITCH)
+    os.environ[TUNE_SIGINT_SWITCH] = "1"
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if switch is None:
+            os.environ.pop(TUNE_SIGINT_SWITCH, None)
+        else:
+            os.environ[TUNE_SIGINT_SWITCH] = switch

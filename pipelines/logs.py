@@ -24,10 +24,12 @@ KNOWN_NOISE = (
     "Warning: The Ray cluster currently does not have any available CPUs.",
     # a new local Ray turns token auth on by itself (raycv's README says so, and raycv keeps the token private)
     "Token authentication is enabled for this Ray cluster.",
+    # a sweep stopped by a signal: Tune names its Python API to resume; raycv's own last line names --resume PATH
+    "Experiment has been interrupted, but the most recent state was saved.",
 )
 #: The loggers those warnings come from, in the driver's process.
 NOISY_LOGGERS = ("ray.data._internal.progress", "ray.data.dataset",
-                 "ray._private.authentication.authentication_token_setup")
+                 "ray._private.authentication.authentication_token_setup", "ray.tune.tune")
 #: Lines of Ray's processes, forwarded to the driver's console, that say nothing to a raycv user, by a part of their
 #: text; dropped from the console (not from Ray's log files) unless -v is given:
 KNOWN_PROCESS_NOISE = (

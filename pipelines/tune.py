@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from pipelines import failures, logs, plots, tracking
 from pipelines.cluster import quiet_data_context
 from pipelines.config import ConfigError, get_path
 from pipelines.handoff import ResolvedWeights
+from pipelines.interrupts import RunInterrupted, stop_signals_stop_tune
 from pipelines.runners import runner_for
 from pipelines.sweep_plan import SweepPlan, trial_config
 from pipelines.train import (
@@ -245,11 +247,19 @@ def run_sweep(
                     name=name, storage_path=storage_path, verbose=2 if logs.verbose() else 0,
                     callbacks=[] if logs.verbose() else [TrialLines(plan.metric, plan.full_reports, plan.report_unit)]),
             )
-        results = tuner.fit()
-    except BaseException:
-        client.set_terminated(parent_run_id, status="FAILED")
+        with stop_signals_stop_tune() as stop_signals:
+            results = tuner.fit()
+    except BaseException as error:  # a second stop signal ends the wait for Tune to save: RunInterrupted
+        client.set_terminated(parent_run_id, status="KILLED" if isinstance(error, RunInterrupted) else "FAILED")
         raise
-    outcome = _record_trials(client, plan, parent_run_id, experiment_path, results, space)
+    outcome = _record_trials(client, plan, parent_run_id, experiment_path, results, space,
+                             stopped=bool(stop_signals))
+    if stop_signals:
+        client.set_terminated(parent_run_id, status="KILLED")
+        finished = sum(run.info.status == "FINISHED" for run in tracking.child_runs(client, parent_run_id))
+        raise RunInterrupted(stop_signals[0], f"sweep stopped by {signal.Signals(stop_signals[0]).name} (finished "
+                             f"trials: {finished}): MLflow parent run {parent_run_id} is marked KILLED; the same "
+                             f"command with --resume {experiment_path} finishes it")
     return _finish_sweep(client, outcome, started)
 
 
@@ -267,11 +277,14 @@ def _finish_sweep(client: MlflowClient, outcome: SweepOutcome, started: float) -
 
 
 def _record_trials(client: MlflowClient, plan: SweepPlan, parent_run_id: str, experiment_path: str,
-                     results: Any, space: dict[str, Any]) -> SweepOutcome:
-    """Log the sweep's table, plots and best config on the parent run; register the best trial's model."""
+                     results: Any, space: dict[str, Any], stopped: bool = False) -> SweepOutcome:
+    """Log the sweep's table, plots and best config on the parent run; register the best trial's model.
+    ``stopped``: a stop signal ended the sweep, leaving trials unfinished (those never started are left out)."""
     metric = plan.metric
     trials = []
     for result in results:
+        if result.config is None:  # a trial that a stop signal kept from starting
+            continue
         sampled = result.config["sampled"]
         reported = result.metrics or {}
         trial_id = reported.get("trial_id", "")
@@ -283,7 +296,7 @@ def _record_trials(client: MlflowClient, plan: SweepPlan, parent_run_id: str, ex
                        "run_id": child, "trial": trial_id})
     finite = [t for t in trials if isinstance(t[metric], float) and not math.isnan(t[metric])]
     best = (max if plan.mode == "max" else min)(finite, key=lambda t: t[metric]) if finite else None
-    _close_child_runs(client, parent_run_id, trials)
+    _close_child_runs(client, parent_run_id, trials, stopped)
     client.log_text(parent_run_id, _csv(trials), "trials.csv")
     failed = {t["trial"]: t["error"] for t in trials if t["error"]}
     if failed:
@@ -300,7 +313,7 @@ def _record_trials(client: MlflowClient, plan: SweepPlan, parent_run_id: str, ex
     if plan.log_extras is not None:
         plan.log_extras(client, parent_run_id, trials, list(space))
     version = None
-    if best is not None and best["run_id"] and plan.register_model:
+    if best is not None and best["run_id"] and plan.register_model and not stopped:  # unfinished: no model yet
         task = client.get_run(parent_run_id).data.tags["raycv.task"]
         version = _register_if_better(client, task, best["run_id"], metric, best[metric], plan.mode)
     return SweepOutcome(
@@ -329,22 +342,26 @@ def _failed_lines(failed: dict[str, str]) -> str:
     return text[:TAG_MAX_CHARS]
 
 
-def _close_child_runs(client: MlflowClient, parent_run_id: str, trials: list[dict[str, Any]]) -> None:
+def _close_child_runs(client: MlflowClient, parent_run_id: str, trials: list[dict[str, Any]],
+                      stopped: bool = False) -> None:
     """End the child runs of trials the scheduler stopped: KILLED and tagged ``raycv.early_stopped``.
 
     A stopped trial is one Tune ended without an error whose run did not finish. Depending on timing its run is
     still RUNNING (the trial actor was killed outright) or already ended by ``run_training`` (Tune's stop reached
-    the trial as ``SystemExit``); either way it is marked the same here.
+    the trial as ``SystemExit``); either way it is marked the same here. When a stop signal ended the sweep
+    (``stopped``), such runs are KILLED untagged: the signal, not the scheduler, may have stopped them, and Tune's
+    results do not say which.
     """
     ended_without_error = {t["run_id"] for t in trials if t["run_id"] and not t["error"]}
     for run in tracking.child_runs(client, parent_run_id):
         if run.info.status == "FINISHED":
             continue
         if run.info.run_id in ended_without_error:
-            tracking.set_tags(client, run.info.run_id, {"raycv.early_stopped": "true"})
+            if not stopped:
+                tracking.set_tags(client, run.info.run_id, {"raycv.early_stopped": "true"})
             client.set_terminated(run.info.run_id, status="KILLED")
         elif run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="FAILED")
+            client.set_terminated(run.info.run_id, status="KILLED" if stopped else "FAILED")
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

@@ -1,6 +1,6 @@
-"""Stop signals on a training run's driver (pipelines.interrupts), in this process: the main thread gets
-RunInterrupted while the work goes on in a helper thread. The whole command under SIGTERM is in
-tests/test_running_places.py."""
+"""Stop signals on a run's driver (pipelines.interrupts), in this process: the main thread gets RunInterrupted
+while the work goes on in a helper thread, and a sweep's stop goes to Tune's handler. Whole commands under SIGTERM:
+tests/test_running_places.py (raycv train) and tests/test_sweep.py (raycv tune)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import time
 
 import pytest
 
-from pipelines.interrupts import RunInterrupted, fit_interruptibly, stop_signals_raise
+from pipelines.interrupts import (
+    TUNE_SIGINT_SWITCH,
+    RunInterrupted,
+    fit_interruptibly,
+    stop_signals_raise,
+    stop_signals_stop_tune,
+)
 
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
@@ -60,3 +66,24 @@ def test_off_the_main_thread_nothing_changes():
     worker.start()
     worker.join(5)
     assert seen == {"thread": "trial"}
+
+
+def test_stop_signals_reach_tunes_stop_handler_once_and_are_recorded(monkeypatch):
+    """Tune's handler for SIGUSR1 (``Tuner.fit`` installs it; Tune's own SIGINT handler is switched off within) gets
+    the first stop signal; a second one stops at once."""
+    monkeypatch.delenv(TUNE_SIGINT_SWITCH, raising=False)
+    tune_stops = []
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        with stop_signals_stop_tune() as received:
+            assert os.environ[TUNE_SIGINT_SWITCH] == "1"
+            signal.signal(signal.SIGUSR1, lambda number, frame: tune_stops.append(number))  # as Tuner.fit does
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert received == [signal.SIGINT] and tune_stops == [signal.SIGUSR1]
+            with pytest.raises(RunInterrupted):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert TUNE_SIGINT_SWITCH not in os.environ

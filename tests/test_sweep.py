@@ -1,5 +1,6 @@
 """A real sweep on the session's Ray cluster against the MLflow server: ASHA stops weak trials, the parent/child
-runs and the registry are right, and a sweep whose driver is killed resumes without rerunning finished trials."""
+runs and the registry are right, and a sweep stopped by SIGTERM says how to resume and resumes without rerunning
+finished trials."""
 
 from __future__ import annotations
 
@@ -84,12 +85,19 @@ def interrupted_then_resumed_sweep(ray_cluster, mlflow_server, demo_root, tmp_pa
 
     started_ms = int(time.time() * 1000) - 1000
     _wait_until(a_trial_finished, "no trial finished before the driver was to be killed", timeout=900)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    first.send_signal(signal.SIGTERM)  # as `kill` or a batch scheduler ends it: Tune saves and stops the sweep
+    first.wait(timeout=300)
     parent = sweep_parent()
+    sweep_path = client.get_run(parent).data.tags["raycv.sweep_path"]
+    stopped_output = (workdir / "first.log").read_text()
+    assert first.returncode == 128 + signal.SIGTERM, stopped_output[-4000:]
+    assert client.get_run(parent).info.status == "KILLED"
+    assert all(r.info.status != "RUNNING" for r in tracking.child_runs(client, parent))
     finished_before = {r.data.tags["raycv.trial_id"]: r.info.run_id for r in tracking.child_runs(client, parent)
                        if r.info.status == "FINISHED"}
-    sweep_path = client.get_run(parent).data.tags["raycv.sweep_path"]
+    assert stopped_output.strip().splitlines()[-1] == (
+        f"raycv: sweep stopped by SIGTERM (finished trials: {len(finished_before)}): MLflow parent run {parent} is "
+        f"marked KILLED; the same command with --resume {sweep_path} finishes it")
 
     resumed = _tune([*common, "--resume", sweep_path], env, workdir / "resumed.log")
     resumed.wait(timeout=1200)
