@@ -1,5 +1,5 @@
-"""Ctrl-C and SIGTERM on the driver of a training run: the run stops, its MLflow run says so, and the command
-says how to continue it.
+"""Ctrl-C and SIGTERM on the driver of a training run or a sweep: the work stops, its MLflow runs say so, and the
+command says how to continue it.
 
 Ray Train's own Ctrl-C handler (``TorchTrainer.fit`` installs it on the main thread) aborts the run through its
 controller and then exits 1 without a word of why, which left the MLflow run FAILED as "SystemExit: 1"; SIGTERM
@@ -8,6 +8,7 @@ dumps. Here both signals raise :class:`RunInterrupted` in the driver's main thre
 thread, where Ray Train installs no handler (as in a Tune trial). The run's Ray Train controller and workers are
 actors of this driver's job, so they end with it as ``raycv train`` exits; its checkpoints stay for ``--resume``.
 A caller that lives on after the run (a notebook, a test session) keeps Ray Train's own handler (:func:`fit_run`).
+A sweep's stop goes to Tune's own, which saves the sweep for ``--resume PATH`` (:func:`stop_signals_stop_tune`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: How often the main thread wakes from waiting on ``fit`` (a signal's handler runs only then).
 JOIN_SECONDS = 0.2
+#: Tune's switch for the SIGINT handler ``Tuner.fit`` installs (its SIGUSR1 handler, the same, stays).
+TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 class RunInterrupted(RunError):
@@ -105,9 +108,6 @@ def fit_run(fit: Callable[[], T], stop_signals: bool) -> T:
     with _sigint_handler_restored():
         return fit()
 
-
-#: Tune's switch for the SIGINT handler ``Tuner.fit`` installs (its SIGUSR1 handler, the same, stays).
-TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 @contextmanager
