@@ -49,6 +49,7 @@ from cvtasks.style import (
 )
 from pipelines import logs, tracking
 from pipelines.config import ConfigError
+from pipelines.interrupts import RunInterrupted, fit_interruptibly, stop_signals_raise
 from pipelines.progress import StepProgress, console_style
 from pipelines.report import format_table, ui_command
 from pipelines.sweep_plan import SweepPlan, trial_config
@@ -246,6 +247,21 @@ def run_pairs(cfg: TaskConfig, inputs: Sequence[InputPair], tracking_uri: str,
                                                         run_id, console_style(), logs.verbose())
         pending[ref] = (outcomes[-1], time.perf_counter())
     Path(output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        with stop_signals_raise():  # the main thread waits for a helper: a signal cannot interrupt ray.wait
+            fit_interruptibly(lambda: _collect_pairs(client, pending, output_dir))
+    except RunInterrupted as stopped:  # the pairs' Ray tasks end with this driver
+        unended = [o for o in outcomes if client.get_run(o.run_id).info.status == "RUNNING"]
+        for outcome in unended:
+            client.set_terminated(outcome.run_id, status="KILLED")
+        raise RunInterrupted(stopped.signal_number, f"{stopped} with {len(outcomes) - len(unended)} of "
+                             f"{len(outcomes)} pairs ended: the MLflow runs of the others are marked KILLED") from None
+    return outcomes
+
+
+def _collect_pairs(client: MlflowClient, pending: dict[Any, tuple[PairOutcome, float]],
+                   output_dir: str | Path) -> None:
+    """Wait for each of ``pending``'s pair tasks, save its image and end its MLflow run (FAILED where it failed)."""
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
         outcome, started = pending.pop(ref)
@@ -264,7 +280,6 @@ def run_pairs(cfg: TaskConfig, inputs: Sequence[InputPair], tracking_uri: str,
         outcome.weights = tags.get("raycv.weights", "")
         outcome.pretrained = tags.get("raycv.weights_pretrained") == "true"
         client.set_terminated(outcome.run_id, status="FINISHED")
-    return outcomes
 
 
 def summary(outcomes: Sequence[PairOutcome], task: str, tracking_uri: str) -> str:

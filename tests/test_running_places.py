@@ -142,26 +142,33 @@ def test_sigterm_stops_a_run_that_says_how_to_continue_it(demo_root, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own session, which the local Ray it starts inherits
     client = MlflowClient(tracking)
-    run_id = _first_epoch_logged(client, "raycv-hotdog", proc)
+    run_id = _first_metric_logged(client, "raycv-hotdog", "val_acc", proc)
     proc.send_signal(signal.SIGTERM)
     console, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, console[-3000:]
-    last = console.strip().splitlines()[-1]
-    assert last.startswith("raycv: stopped by SIGTERM after ") and f"--resume {run_id} continues it" in last, last
+    [stopped] = _raycv_lines(console)  # Ray forwards the workers' lines late: not always the last one
+    assert stopped.startswith("raycv: stopped by SIGTERM after ") and f"--resume {run_id} continues it" in stopped
     assert "SIGTERM received" not in console
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
-    assert f"after {len(_epochs_logged(client, run_id))} of 50 epochs" in last
+    assert f"after {len(_epochs_logged(client, run_id))} of 50 epochs" in stopped
     assert _session_processes_left(proc.pid) == [], "the command's local Ray outlived it"
 
 
-def _first_epoch_logged(client: MlflowClient, experiment: str, proc: subprocess.Popen, timeout: float = 300) -> str:
+def _raycv_lines(console: str) -> list[str]:
+    """The command's own closing lines (``raycv: ...``) in its console."""
+    return [line for line in console.splitlines() if line.startswith("raycv: ")]
+
+
+def _first_metric_logged(client: MlflowClient, experiment: str, metric: str, proc: subprocess.Popen,
+                         timeout: float = 300) -> str:
+    """The run id of the first run in ``experiment`` that logged ``metric``, while ``proc`` runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         found = client.get_experiment_by_name(experiment)
         runs = client.search_runs([found.experiment_id]) if found else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
+        if runs and client.get_metric_history(runs[0].info.run_id, metric):
             return runs[0].info.run_id
         time.sleep(0.5)
     raise AssertionError(f"no epoch logged in {timeout} s")
@@ -173,3 +180,24 @@ def _session_processes_left(session: int, grace_s: float = 30) -> list:
     while (left := session_processes(session)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def test_sigterm_stops_stylize_and_kills_its_unended_runs(demo_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = demo_root / "hotdog" / "train" / "hotdog"
+    content, style = sorted(folder.glob("*.png"))[:2]
+    cmd = [str(BIN / "raycv"), "stylize", "--content", str(content), "--style", str(style), "--steps", "5000",
+           "--size", "48", "48", "--set", "style.log_every=1", "--output-dir", str(tmp_path / "styled"),
+           "--tracking-uri", tracking]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    client = MlflowClient(tracking)
+    run_id = _first_metric_logged(client, "raycv-style", "total_loss", proc)
+    proc.send_signal(signal.SIGTERM)
+    console, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, console[-3000:]
+    assert _raycv_lines(console) == ["raycv: stopped by SIGTERM with 0 of 1 pairs ended: the MLflow runs of the "
+                                     "others are marked KILLED"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert _session_processes_left(proc.pid) == [], "the command's local Ray outlived it"
