@@ -99,8 +99,9 @@ def _sigint_handler_restored() -> Iterator[None]:
 
 
 def fit_run(fit: Callable[[], T], stop_signals: bool) -> T:
-    """``fit()`` (a ``TorchTrainer``'s) on the driver. With ``stop_signals`` (``raycv train``, whose process ends
-    with the run), Ctrl-C and SIGTERM raise :class:`RunInterrupted` at once and the process's exit ends the run.
+    """``fit()`` (a ``TorchTrainer``'s, or ``raycv stylize``'s wait for its pairs) on the driver. With
+    ``stop_signals`` (a command whose process ends with the work), Ctrl-C and SIGTERM raise :class:`RunInterrupted`
+    at once and the process's exit ends the work.
     Without (a caller that lives on), Ray Train's own Ctrl-C handler aborts the run through its controller."""
     if stop_signals:
         with stop_signals_raise():

@@ -49,7 +49,7 @@ from cvtasks.style import (
 )
 from pipelines import logs, tracking
 from pipelines.config import ConfigError
-from pipelines.interrupts import RunInterrupted, fit_interruptibly, stop_signals_raise
+from pipelines.interrupts import RunInterrupted, fit_run
 from pipelines.progress import StepProgress, console_style
 from pipelines.report import format_table, ui_command
 from pipelines.sweep_plan import SweepPlan, trial_config
@@ -238,18 +238,19 @@ def run_pairs(cfg: TaskConfig, inputs: Sequence[InputPair], tracking_uri: str,
     resources = {"num_cpus": cfg.scaling.cpus_per_worker,
                  "num_gpus": cfg.scaling.gpus_per_worker}
     outcomes, pending = [], {}
+    console = console_style()
     for content, style, content_img, style_img in inputs:
         pair_cfg = cfg.with_values({"style.pairs": [[content, style]]})  # the run's params show its own pair
         run_id = open_run(client, pair_cfg, content, style)
         log.info("%s: MLflow %s", pair_name(content, style), tracking.run_url(tracking_uri, experiment_id, run_id))
         outcomes.append(PairOutcome(content, style, run_id, experiment_id))
         ref = _stylize_task.options(**resources).remote(pair_cfg, extractor, content_img, style_img, tracking_uri,
-                                                        run_id, console_style(), logs.verbose())
+                                                        run_id, console, logs.verbose())
         pending[ref] = (outcomes[-1], time.perf_counter())
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     try:
-        with stop_signals_raise():  # the main thread waits for a helper: a signal cannot interrupt ray.wait
-            fit_interruptibly(lambda: _collect_pairs(client, pending, output_dir))
+        # the main thread waits for a helper thread: a signal's handler cannot interrupt ray.wait
+        fit_run(lambda: _collect_pairs(client, pending, output_dir), stop_signals=True)
     except RunInterrupted as stopped:  # the pairs' Ray tasks end with this driver
         unended = [o for o in outcomes if client.get_run(o.run_id).info.status == "RUNNING"]
         for outcome in unended:
