@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -76,7 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolved_config(args)
     request = RunRequest(resolve_tracking_uri(args.tracking_uri), address=args.address, storage=args.storage,
                          resume=args.resume, epochs_given=args.epochs is not None)
-    return runner_for(cfg.task).train(cfg, request)
+    try:
+        return runner_for(cfg.task).train(cfg, request)
+    except RunInterrupted as stopped:
+        if stopped.resume is None:
+            raise
+        raise stopped.with_hint(f"the same command with --resume {stopped.resume} continues it") from None
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -90,8 +96,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     runner_for(cfg.task).preflight(cfg, tracking_uri)  # a bad base config or dataset fails here, not per trial
     connect(args.address)
-    outcome = run_sweep(cfg, tracking_uri, num_samples=args.num_samples, scheduler=args.scheduler,
-                        max_concurrent=args.max_concurrent, resume=args.resume, storage=args.storage)
+    try:
+        outcome = run_sweep(cfg, tracking_uri, num_samples=args.num_samples, scheduler=args.scheduler,
+                            max_concurrent=args.max_concurrent, resume=args.resume, storage=args.storage)
+    except RunInterrupted as stopped:
+        if stopped.resume is None:
+            raise
+        raise stopped.with_hint(f"the same command with --resume {stopped.resume} finishes it") from None
     metric = outcome.metric
     print()
     print(format_table(list(outcome.trials[0]), [list(t.values()) for t in outcome.trials]) if outcome.trials
@@ -333,3 +344,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"raycv: error: {exc}", file=sys.stderr)
         return 2
+
+
+def entry() -> None:
+    """The ``raycv`` console script: :func:`main`, then an exit without the interpreter's last full collections.
+
+    At exit Python's garbage collector walks every object that torch, Ray and MLflow made: 2 s of the 3 s between
+    a command's last line and its end (a one-epoch ``raycv train``, 2 cores), and inside the 3 s that
+    ``ray job stop`` waits before it kills a job. ``gc.freeze`` takes them out of its reach; atexit handlers
+    (``ray.shutdown``, MLflow's) still run. Not in :func:`main`, which in-process callers (tests) outlive."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)

@@ -19,6 +19,7 @@ from cvtasks.settings import TaskConfig
 from cvtasks.tasks import task_class, task_names
 from pipelines.config import load_config
 from pipelines.data_commands import make_demo
+from pipelines.interrupts import RunInterrupted
 from pipelines.report import format_table, ui_command
 from pipelines.runners import DemoRow, runner_for
 from pipelines.tracking import run_url
@@ -79,7 +80,11 @@ def run_demo(root: str | Path, tracking_uri: str, only: list[str] | None = None)
     for i, step in enumerate(steps, 1):
         print(f"\n[{i}/{len(steps)}] {step.kind} {step.name} ...", flush=True)
         overrides = [f"data.root={root}", *_resolve(step.overrides, runs, cpus)]
-        result = run_step(step, load_config(step.task, overrides=overrides), tracking_uri)
+        try:
+            result = run_step(step, load_config(step.task, overrides=overrides), tracking_uri)
+        except RunInterrupted as stopped:
+            raise RunInterrupted(stopped.signal_number, f"demo step {i} of {len(steps)} ({step.name}) {stopped}; "
+                                 "`raycv demo` starts over, reusing the demo data") from None
         runs[step.name] = result.run_id
         results.append(result)
         print(f"[{i}/{len(steps)}] {step.name}: {result.metric} = {result.value:.3f} "

@@ -33,27 +33,45 @@ TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 class RunInterrupted(RunError):
-    """A stop signal ended the run; the CLI prints the message and exits 128 + the signal's number."""
+    """A stop signal ended the run; the CLI prints the message and exits 128 + the signal's number.
 
-    def __init__(self, signal_number: int, message: str | None = None) -> None:
+    ``resume``: what ``--resume`` takes to continue the stopped work (a run id, a sweep's path), where it can be;
+    the message says what happened, and the command that knows its own options adds how to go on
+    (:meth:`with_hint`)."""
+
+    def __init__(self, signal_number: int, message: str | None = None, resume: str | None = None) -> None:
         self.signal_number = signal_number
+        self.resume = resume
         super().__init__(message or f"stopped by {signal.Signals(signal_number).name}")
+
+    def with_hint(self, hint: str) -> RunInterrupted:
+        """The same stop, its message followed by ``hint`` (how to go on)."""
+        return RunInterrupted(self.signal_number, f"{self}; {hint}", self.resume)
 
 
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
     """Within it, SIGINT and SIGTERM raise :class:`RunInterrupted` in the main thread; in any other thread (a Tune
-    trial's, where Tune handles signals) it changes nothing."""
+    trial's, where Tune handles signals) it changes nothing.
+
+    The handler raises KeyboardInterrupt, which leaves the block as RunInterrupted: a wait inside Ray (``ray.get``,
+    as in ``ray.data.from_pandas``) turns a handler's KeyboardInterrupt into a new one and ends early, but any
+    other exception raised there surfaces only when the wait ends, as a SystemError."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    received: list[int] = []
+
     def stop(signal_number: int, frame: Any) -> None:
-        raise RunInterrupted(signal_number)
+        received.append(signal_number)
+        raise KeyboardInterrupt  # the one exception Ray's waits pass on: any other becomes a SystemError after them
 
     previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
     try:
         yield
+    except KeyboardInterrupt:  # ours, passed on by a wait in Ray (which raises a new one), or Ctrl-C before it
+        raise RunInterrupted(received[0] if received else signal.SIGINT) from None
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

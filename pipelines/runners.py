@@ -124,7 +124,7 @@ class TrainRunner:
         from pipelines.train import run_training
 
         outcome = run_training(cfg, tracking_uri, run_tags={"raycv.demo_step": step}, register_alias=LATEST_ALIAS,
-                               run_name=f"demo-{step}")
+                               run_name=f"demo-{step}", stop_signals=True)
         metric = get_task(cfg.task).metric
         return DemoRow(step, outcome.run_id, outcome.experiment_id, metric, outcome.metrics.get(metric, 0.0),
                        outcome.metrics.get("examples_per_sec", 0.0), outcome.wall_seconds)

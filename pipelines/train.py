@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from pipelines import failures, logs, tracking
 from pipelines.config import ConfigError, check_values
 from pipelines.data import augments_in_worker, build_split, should_cache, task_path
 from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
-from pipelines.interrupts import RunInterrupted, fit_run
+from pipelines.interrupts import RunInterrupted, fit_run, stop_signals_raise
 from pipelines.progress import console_style
 from pipelines.run_logging import FIRST_STEP_TAG
 from pipelines.steps import lr_factor, make_optimizer
@@ -226,10 +227,10 @@ def _status_after(error: BaseException) -> str:
 
 def _interrupted_message(client: MlflowClient, run_id: str, task: Task, cfg: TaskConfig,
                          error: RunInterrupted) -> str:
-    """What the CLI prints for a run a stop signal ended: after how many epochs, where it is, how to go on."""
+    """What the CLI prints for a run a stop signal ended: after how many epochs, and where it is."""
     done = len(client.get_metric_history(run_id, task.metric))
-    return (f"{error} after {done} of {cfg.train.epochs} epochs: MLflow run {run_id} is marked KILLED and its "
-            f"checkpoints are kept; the same command with --resume {run_id} continues it")
+    kept = " and its checkpoints are kept" if done else ""
+    return f"{error} after {done} of {cfg.train.epochs} epochs: MLflow run {run_id} is marked KILLED{kept}"
 
 
 def _raise_original_data_errors() -> None:
@@ -265,7 +266,9 @@ def run_training(
     new run's name in MLflow (default: task, workers and the date); ``concurrent_runs``: runs that may start beside
     this one (a sweep's concurrent trials), which share the object store's room to cache decoded splits;
     ``stop_signals``: Ctrl-C and SIGTERM end the run at once with :class:`pipelines.interrupts.RunInterrupted`, for
-    a process that exits after the run (``raycv train``; see :func:`pipelines.interrupts.fit_run`).
+    a process that exits after the run (``raycv train``, ``raycv demo``; see :func:`pipelines.interrupts.fit_run`),
+    from the data pipelines on: a ``ray job stop`` while the splits are built marks the run KILLED too (Ray's
+    own SIGTERM handler would exit 15 and leave it FAILED).
     """
     started = time.perf_counter()
     task = get_task(cfg.task)
@@ -282,40 +285,42 @@ def run_training(
     log.info("MLflow: %s", tracking.run_url(tracking_uri, experiment_id, run_id))
     phases = {"weights and MLflow run": time.perf_counter() - started}
     try:
-        _raise_original_data_errors()
-        train = build_split(task, cfg, "train", train=True, concurrent_runs=concurrent_runs)
-        val = build_split(task, cfg, "val", train=False, concurrent_runs=concurrent_runs)
-        if not resume:
-            _describe_inputs(client, run_id, task, cfg, {"train": train, "val": val})
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg, "task": task_path(task), "tracking_uri": tracking_uri, "run_id": run_id,
-                               "weights": weights,
-                               "train_rows": train.rows, "verbose": logs.verbose(),
-                               "progress": console_style()},
-            scaling_config=scaling_config(cfg, held_cpus),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                callbacks=[*(callbacks or []), FailFastCallback()],
-                logging_config=LoggingConfig(log_level=logs.ray_log_level()),
-            ),
-            datasets={"train": train.dataset, "val": val.dataset},
-            # One worker reads each whole split itself: splitting it would start a coordinator actor per split
-            # (a new process importing Ray Data) for nothing.
-            dataset_config=DataConfig(datasets_to_split="all" if cfg.scaling.workers > 1 else []),
-        )
-        phases["data pipelines"] = time.perf_counter() - started - sum(phases.values())
-        fit_started = time.time()
-        logs.quiet_train_environment()
-        result = fit_run(trainer.fit, stop_signals)
-        phases.update(_fit_phases(client, run_id, fit_started, time.time()))
+        with stop_signals_raise() if stop_signals else contextlib.nullcontext():  # from the splits on
+            _raise_original_data_errors()
+            train = build_split(task, cfg, "train", train=True, concurrent_runs=concurrent_runs)
+            val = build_split(task, cfg, "val", train=False, concurrent_runs=concurrent_runs)
+            if not resume:
+                _describe_inputs(client, run_id, task, cfg, {"train": train, "val": val})
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"cfg": cfg, "task": task_path(task), "tracking_uri": tracking_uri, "run_id": run_id,
+                                   "weights": weights,
+                                   "train_rows": train.rows, "verbose": logs.verbose(),
+                                   "progress": console_style()},
+                scaling_config=scaling_config(cfg, held_cpus),
+                run_config=RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                    callbacks=[*(callbacks or []), FailFastCallback()],
+                    logging_config=LoggingConfig(log_level=logs.ray_log_level()),
+                ),
+                datasets={"train": train.dataset, "val": val.dataset},
+                # One worker reads each whole split itself: splitting it would start a coordinator actor per split
+                # (a new process importing Ray Data) for nothing.
+                dataset_config=DataConfig(datasets_to_split="all" if cfg.scaling.workers > 1 else []),
+            )
+            phases["data pipelines"] = time.perf_counter() - started - sum(phases.values())
+            fit_started = time.time()
+            logs.quiet_train_environment()
+            result = fit_run(trainer.fit, stop_signals)
+            phases.update(_fit_phases(client, run_id, fit_started, time.time()))
     except BaseException as error:
         _record_failure(client, run_id, error)
         if isinstance(error, RunInterrupted):
-            raise RunInterrupted(error.signal_number, _interrupted_message(client, run_id, task, cfg, error)) from None
+            raise RunInterrupted(error.signal_number, _interrupted_message(client, run_id, task, cfg, error),
+                                 resume=run_id) from None
         cause = failures.deterministic_cause(error)
         if cause is not None and cause is not error:
             raise failures.DeterministicError(failures.one_line(cause)) from error

@@ -258,8 +258,8 @@ def run_sweep(
         client.set_terminated(parent_run_id, status="KILLED")
         finished = sum(run.info.status == "FINISHED" for run in tracking.child_runs(client, parent_run_id))
         raise RunInterrupted(stop_signals[0], f"sweep stopped by {signal.Signals(stop_signals[0]).name} (finished "
-                             f"trials: {finished}): MLflow parent run {parent_run_id} is marked KILLED; the same "
-                             f"command with --resume {experiment_path} finishes it")
+                             f"trials: {finished}): MLflow parent run {parent_run_id} is marked KILLED",
+                             resume=experiment_path)
     return _finish_sweep(client, outcome, started)
 
 

@@ -288,6 +288,50 @@ def test_sweep_job_on_two_nodes_with_s3_storage_then_resume_from_s3(ray_cluster,
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+def _first_epoch_since(client: MlflowClient, task: str, since_ms: int, jobs: JobSubmissionClient, job_id: str,
+                       timeout: float = 300) -> str:
+    """The run id of the first ``task`` run started after ``since_ms`` that logged an epoch, while the job runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert not jobs.get_job_status(job_id).is_terminal(), jobs.get_job_logs(job_id)[-3000:]
+        experiment = client.get_experiment_by_name(f"raycv-{task}")  # the job's run may be the first
+        runs = client.search_runs([experiment.experiment_id], f"attributes.start_time >= {since_ms}") if experiment \
+            else []
+        for run in runs:
+            if client.get_metric_history(run.info.run_id, METRIC[task]):
+                return run.info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no epoch logged in {timeout} s")
+
+
+def test_ray_job_stop_leaves_the_run_killed_with_raycvs_line_in_the_log(ray_cluster, s3_env, mlflow_server,
+                                                                        s3_demo_root):
+    """``ray job stop`` sends the job's processes SIGTERM and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``): within
+    that the MLflow run is marked KILLED with its epochs, and the job's log ends with how to continue it."""
+    since_ms = int(time.time() * 1000)
+    submitted = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", ray_cluster.dashboard_url, "--working-dir", ".",
+         "--", "raycv", "train", "hotdog", "--data-root", s3_demo_root, "--epochs", "50", *_sets(FAST["hotdog"]),
+         "--tracking-uri", mlflow_server.url],
+        cwd=REPO, env=s3_env, capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    job_id = submitted.stdout.split("Job '")[1].split("'")[0]
+    jobs, client = JobSubmissionClient(ray_cluster.dashboard_url), MlflowClient(mlflow_server.url)
+    run_id = _first_epoch_since(client, "hotdog", since_ms, jobs, job_id)
+
+    stopped = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", ray_cluster.dashboard_url, job_id],
+                             cwd=REPO, env=s3_env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert jobs.get_job_status(job_id) == JobStatus.STOPPED
+    assert client.get_run(run_id).info.status == "KILLED"
+    epochs = len(client.get_metric_history(run_id, METRIC["hotdog"]))
+    line = f"raycv: stopped by SIGTERM after {epochs} of 50 epochs: MLflow run {run_id} is marked KILLED"
+    deadline = time.monotonic() + 30
+    while line not in (logs := jobs.get_job_logs(job_id)) and time.monotonic() < deadline:
+        time.sleep(1)  # the job API serves the log file as its agent last read it
+    assert line in logs, logs[-3000:]
+
+
 def test_ten_concurrent_job_submissions_all_succeed(ray_cluster, s3_env, s3_demo_root):
     def submit(_: int) -> str:
         result = subprocess.run(

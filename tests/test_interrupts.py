@@ -44,6 +44,26 @@ def test_a_stop_signal_raises_run_interrupted_and_the_handlers_come_back(number)
     assert signal.getsignal(number) is before
 
 
+def test_a_stop_signal_ends_a_wait_inside_ray_at_once(ray_cluster):
+    """In ``ray.get`` (Ray Data's ``from_pandas`` waits in one while a run's splits are built) a handler's
+    KeyboardInterrupt ends the wait at once, and the block turns it into RunInterrupted with the signal's number;
+    any other exception raised there would surface only once the wait ends, as a SystemError."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def sleeper() -> None:
+        time.sleep(60)
+
+    waited = sleeper.remote()
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    began = time.perf_counter()
+    with pytest.raises(RunInterrupted) as stopped, stop_signals_raise():
+        ray.get(waited)
+    assert time.perf_counter() - began < 10
+    assert stopped.value.signal_number == signal.SIGTERM
+    ray.cancel(waited, force=True)
+
+
 def test_fit_interruptibly_returns_fits_result_and_raises_its_error():
     assert fit_interruptibly(lambda: 42) == 42
 

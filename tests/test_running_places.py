@@ -155,6 +155,25 @@ def test_sigterm_stops_a_run_that_says_how_to_continue_it(demo_root, tmp_path):
     assert _session_processes_left(proc.pid) == [], "the command's local Ray outlived it"
 
 
+def test_ctrl_c_stops_the_demo_naming_its_step_with_the_run_killed(ray_cluster, demo_root, tmp_path):
+    """Ctrl-C (SIGINT to the command's process group) in a demo step's training: one line naming the step and its
+    run, exit 130, the run KILLED. The demo joins the session's cluster ($RAY_ADDRESS)."""
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [str(BIN / "raycv"), "demo", "--root", str(demo_root), "--only", "hotdog-source", "--tracking-uri", tracking]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    client = MlflowClient(tracking)
+    run_id = _first_metric_logged(client, "raycv-hotdog", "val_acc", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    console, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, console[-3000:]
+    [stopped] = _raycv_lines(console)
+    assert stopped.startswith("raycv: demo step 1 of 1 (hotdog-source) stopped by SIGINT after "), stopped
+    assert f"MLflow run {run_id} is marked KILLED" in stopped and "`raycv demo` starts over" in stopped
+    assert "--resume" not in stopped  # raycv demo has no --resume
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
 def _raycv_lines(console: str) -> list[str]:
     """The command's own closing lines (``raycv: ...``) in its console."""
     return [line for line in console.splitlines() if line.startswith("raycv: ")]
