@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from cvtasks.errors import DataFormatError
 from cvtasks.settings import TaskConfig
@@ -70,6 +72,17 @@ def _explicit(key: str, overrides: list[str], config_file: str | None) -> bool:
             or (config_file is not None and file_sets(config_file, key)))
 
 
+@contextmanager
+def _resume_hint(verb: str) -> Iterator[None]:
+    """A run or sweep stopped by a signal within it ends its line with how this command goes on with it."""
+    try:
+        yield
+    except RunInterrupted as stopped:
+        if stopped.resume is None:
+            raise
+        raise stopped.with_hint(f"the same command with --resume {stopped.resume} {verb} it") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.runners import RunRequest, runner_for
     from pipelines.tracking import resolve_tracking_uri
@@ -77,12 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolved_config(args)
     request = RunRequest(resolve_tracking_uri(args.tracking_uri), address=args.address, storage=args.storage,
                          resume=args.resume, epochs_given=args.epochs is not None)
-    try:
+    with _resume_hint("continues"):
         return runner_for(cfg.task).train(cfg, request)
-    except RunInterrupted as stopped:
-        if stopped.resume is None:
-            raise
-        raise stopped.with_hint(f"the same command with --resume {stopped.resume} continues it") from None
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -96,13 +105,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     runner_for(cfg.task).preflight(cfg, tracking_uri)  # a bad base config or dataset fails here, not per trial
     connect(args.address)
-    try:
+    with _resume_hint("finishes"):
         outcome = run_sweep(cfg, tracking_uri, num_samples=args.num_samples, scheduler=args.scheduler,
                             max_concurrent=args.max_concurrent, resume=args.resume, storage=args.storage)
-    except RunInterrupted as stopped:
-        if stopped.resume is None:
-            raise
-        raise stopped.with_hint(f"the same command with --resume {stopped.resume} finishes it") from None
     metric = outcome.metric
     print()
     print(format_table(list(outcome.trials[0]), [list(t.values()) for t in outcome.trials]) if outcome.trials
