@@ -18,7 +18,7 @@ from pipelines import logs
 from pipelines.config import ConfigError, file_sets, load_config
 from pipelines.download import DownloadError
 from pipelines.failures import RunError
-from pipelines.interrupts import RunInterrupted
+from pipelines.interrupts import RunInterrupted, stop_signals_raise
 from pipelines.progress import console_style
 from pipelines.runners import OUTPUT_DIR
 
@@ -181,7 +181,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     connect(args.address)
-    run_demo(args.root, tracking_uri, only=args.only)
+    with stop_signals_raise():  # also between steps, over Ray's own SIGTERM handler (exit 15, no line)
+        run_demo(args.root, tracking_uri, only=args.only)
     return 0
 
 

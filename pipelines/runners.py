@@ -97,6 +97,7 @@ class TrainRunner:
 
         from pipelines.cluster import connect
         from pipelines.data import warm_map_workers
+        from pipelines.interrupts import stop_signals_raise
         from pipelines.report import print_summary, seconds_line
         from pipelines.tracking import LATEST_ALIAS, registered_name
         from pipelines.train import resume_run_id, run_training
@@ -108,15 +109,16 @@ class TrainRunner:
         self.preflight(cfg, request.tracking_uri)
         phases["checks"] = time.perf_counter() - started
         connect(request.address)
-        warm_map_workers(get_task(task))
-        phases["Ray"] = time.perf_counter() - started - phases["checks"]
-        outcome = run_training(cfg, request.tracking_uri, resume=resume, storage=request.storage,
-                               register_alias=LATEST_ALIAS, stop_signals=True)
-        print_summary([(task, outcome)], request.tracking_uri, metric_key=None)
-        print(seconds_line({**phases, **outcome.phases}))
-        if outcome.registered_version:
-            print(f"registered as {registered_name(task)} version {outcome.registered_version} (alias "
-                  f"'{LATEST_ALIAS}'): raycv predict {task} IMAGE... uses it")
+        with stop_signals_raise():  # over Ray's own SIGTERM handler, set by connect: it exits 15 without a word
+            warm_map_workers(get_task(task))
+            phases["Ray"] = time.perf_counter() - started - phases["checks"]
+            outcome = run_training(cfg, request.tracking_uri, resume=resume, storage=request.storage,
+                                   register_alias=LATEST_ALIAS, stop_signals=True)
+            print_summary([(task, outcome)], request.tracking_uri, metric_key=None)
+            print(seconds_line({**phases, **outcome.phases}))
+            if outcome.registered_version:
+                print(f"registered as {registered_name(task)} version {outcome.registered_version} (alias "
+                      f"'{LATEST_ALIAS}'): raycv predict {task} IMAGE... uses it")
         return 0
 
     def demo(self, step: str, cfg: TaskConfig, tracking_uri: str) -> DemoRow:
