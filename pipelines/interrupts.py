@@ -128,7 +128,6 @@ def fit_run(fit: Callable[[], T], stop_signals: bool) -> T:
         return fit()
 
 
-
 @contextmanager
 def stop_signals_stop_tune() -> Iterator[list[int]]:
     """Within it (around ``Tuner.fit`` on the main thread), Ctrl-C and SIGTERM stop a sweep the way Tune stops one
