@@ -1,9 +1,10 @@
 """Augmentation of images together with their bounding boxes, for detection batches in Ray Data.
 
 Boxes are float32 (K, 5) rows (class, x1, y1, x2, y2), corners as fractions of the image's width and height
-(cvtasks.boxes conventions), one array per image. A batch leaves :func:`detection_batch` as
-``image`` float32 (N, 3, size, size) in [0, 1] and ``boxes`` float32 (N, max_objects, 5), padded with rows of
-``PAD_VALUE`` (class -1: d2l's padding, ignored by cvtasks.boxes.multibox_target).
+(cvtasks.boxes conventions), one array per image. A batch leaves :func:`detection_batch` as ``image`` pixels
+(N, size, size, 3), uint8 (float32 in [0, 1] after colour jitter), and ``boxes`` float32 (N, max_objects, 5),
+padded with rows of ``PAD_VALUE`` (class -1: d2l's padding, ignored by cvtasks.boxes.multibox_target). The model's
+input is the pixels / 255 (``cvtasks.transforms.to_input`` / ``pixels_to_input`` without standardisation).
 
 Steps for training batches, in order: optional random crop (``crop`` probability), resize, horizontal flip
 (``hflip`` probability), colour jitter (cvtasks.transforms.color_jitter). Evaluation batches are only resized.
@@ -101,7 +102,7 @@ def pad_boxes(boxes: Sequence[np.ndarray], max_objects: int) -> np.ndarray:
 
 def detection_batch(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], aug: BoxAugment, train: bool,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (H_i, W_i, 3) and their boxes -> (float32 (N, 3, size, size), float32 (N, max_objects, 5))."""
+    """uint8 images (H_i, W_i, 3) and their boxes -> (pixels (N, size, size, 3), float32 (N, max_objects, 5))."""
     out_images, out_boxes = [], []
     for image, b in zip(images, boxes, strict=True):
         b = np.asarray(b, dtype=np.float32).reshape(-1, BOX_FIELDS)
@@ -116,4 +117,4 @@ def detection_batch(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], a
     pixels = np.stack(out_images)
     if train and any(v > 0 for v in aug.color.values()):
         pixels = T.color_jitter(T.to_unit_float(pixels), rng, **aug.color)
-    return T.to_input(pixels), pad_boxes(out_boxes, aug.max_objects)
+    return pixels, pad_boxes(out_boxes, aug.max_objects)

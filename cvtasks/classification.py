@@ -2,7 +2,8 @@
 cross-entropy loss, additive accuracy statistics, and pictures labelled with true and predicted classes.
 
 Batches: decoded ``image`` is uint8 (N, H, W, 3) or an object array of uint8 (H, W, 3) of varying sizes, ``label``
-int64 (N,). Augmented ``image`` is float32 (N, 3, size, size), ``label`` int64 (N,). Model output: scores (N, K).
+int64 (N,). Augmented ``image`` pixels are (N, size, size, 3), uint8 or float32 after colour jitter; model-ready
+``image`` is float32 (N, 3, size, size), ``label`` int64 (N,). Model output: scores (N, K).
 
 Config ``augment`` section (both tasks)::
 
@@ -83,6 +84,13 @@ def transform_images(images: np.ndarray | Sequence[np.ndarray], train: bool, cfg
                      rng: np.random.Generator) -> np.ndarray:
     """Decoded uint8 images -> float32 (N, 3, size, size) as ``cfg.augment`` says (random steps only if
     ``train``)."""
+    return T.to_input(transform_pixels(images, train, cfg, rng), *(normalization(cfg) or (None, None)))
+
+
+def transform_pixels(images: np.ndarray | Sequence[np.ndarray], train: bool, cfg: Config,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Decoded uint8 images -> the augmented pixels (N, size, size, 3) as ``cfg.augment`` says (random steps only
+    if ``train``): uint8, or float32 in [0, 1] after colour jitter."""
     aug: ClassificationAugment = cfg.augment
     policy = T.get_policy(aug.policy) if train else T.EVAL_POLICY
     if policy.crop:
@@ -93,7 +101,7 @@ def transform_images(images: np.ndarray | Sequence[np.ndarray], train: bool, cfg
         pixels = T.hflip(pixels, rng)
     if policy.color:
         pixels = T.color_jitter(T.to_unit_float(pixels), rng, **aug.color)
-    return T.to_input(pixels, *(normalization(cfg) or (None, None)))
+    return pixels
 
 
 def display_images(images: np.ndarray | torch.Tensor, cfg: Config) -> np.ndarray:
@@ -131,9 +139,12 @@ class ClassificationTask(Task):
             self._class_names[key] = self.read_class_names(cfg)
         return self._class_names[key]
 
-    def augment(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
-        return {"image": transform_images(batch["image"], train, cfg, rng),
+    def augment_pixels(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
+        return {"image": transform_pixels(batch["image"], train, cfg, rng),
                 "label": np.asarray(batch["label"], dtype=np.int64)}
+
+    def input_stats(self, cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        return normalization(cfg)
 
     def loss(self, out: torch.Tensor, batch: TensorBatch, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return F.cross_entropy(out, batch["label"]), {}

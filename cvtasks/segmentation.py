@@ -96,7 +96,7 @@ def paired_batch(
     images: Sequence[np.ndarray], masks: Sequence[np.ndarray], size: tuple[int, int], *, train: bool,
     rng: np.random.Generator, hflip_prob: float, ignore_index: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Variable-size uint8 images (H, W, 3) and masks (H, W) -> float32 (N, 3, h, w) and uint8 (N, h, w).
+    """Variable-size uint8 images (H, W, 3) and masks (H, W) -> uint8 crops (N, h, w, 3) and masks (N, h, w).
 
     ``train``: the same random crop rectangle and the same horizontal flip (with ``hflip_prob``) for image and
     mask. Otherwise a deterministic centre crop. Either way, images smaller than ``size`` are padded
@@ -118,7 +118,7 @@ def paired_batch(
         else:
             top, left = center_crop_origin(image.shape, size)
         window_into(image, mask, top, left, crops[i], out_masks[i], ignore_index)
-    return normalize_images(crops), out_masks
+    return crops, out_masks
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:

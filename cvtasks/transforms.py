@@ -4,6 +4,10 @@ Formats: ``images`` are uint8 (N, H, W, 3) arrays, or a sequence of uint8 (H, W,
 noted. Photometric steps work on float32 (N, H, W, 3) in [0, 1] (:func:`to_unit_float`); :func:`to_input` gives the
 model's float32 (N, 3, H, W). Random steps draw from the ``np.random.Generator`` they are given.
 
+Augmented *pixels* (N, H, W, 3), uint8 where every step kept them uint8 (crops, flips, resizes, pads), float32 in
+[0, 1] after photometric steps, are what a pipeline moves between processes; :func:`pixels_to_input` turns a tensor
+of them into the model's input where the model runs (on its device): a quarter of float32's bytes to copy and ship.
+
 Geometric steps that resize go image by image through PIL with bilinear interpolation, exactly as torchvision's
 transforms do on PIL images; flips and colour jitter are vectorised over the batch.
 """
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 #: ImageNet channel statistics that torchvision's pretrained backbones expect (RGB, in [0, 1] units).
@@ -73,6 +78,38 @@ def to_input(images: np.ndarray, mean: Sequence[float] | None = None,
         np.divide(images[..., c], np.float32(divisor[c]), out=out[:, c])
         if shift[c]:
             out[:, c] += np.float32(shift[c])
+    return out
+
+
+def pixels_to_input(images: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """:func:`to_input` for a tensor of pixels, on the tensor's device: uint8 (N, H, W, C), or float in [0, 1] ->
+    float32 (N, C, H, W) in ``memory_format``, ``(x - mean) / std`` per channel unless ``mean`` is None; the same
+    values as :func:`to_input`, to the bit.
+
+    On the CPU this is :func:`to_input` itself: numpy's per-channel strided divide beat every torch formulation
+    measured on 2 cores (32 VOC crops of 320x480: 17 ms against 25-90 ms); elsewhere :func:`tensor_to_input`.
+    """
+    if images.device.type == "cpu":
+        return torch.from_numpy(to_input(images.numpy(), mean, std)).contiguous(memory_format=memory_format)
+    return tensor_to_input(images, mean, std, memory_format)
+
+
+def tensor_to_input(images: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """:func:`pixels_to_input` in torch operations, for pixels on an accelerator: the dtype conversion and the
+    transpose are one copy, then one divide and one add over the batch, as :func:`to_input` does per channel."""
+    n, height, width, channels = images.shape
+    out = torch.empty((n, channels, height, width), dtype=torch.float32, device=images.device,
+                      memory_format=memory_format)
+    out.copy_(images.permute(0, 3, 1, 2))
+    divisor = torch.full((channels,), UINT8_MAX if images.dtype == torch.uint8 else 1.0, dtype=torch.float64)
+    if mean is not None:
+        std_ = torch.tensor(std, dtype=torch.float64)
+        out.div_((divisor * std_).to(out).view(1, -1, 1, 1))
+        return out.add_((-torch.tensor(mean, dtype=torch.float64) / std_).to(out).view(1, -1, 1, 1))
+    if images.dtype == torch.uint8:
+        out.div_(float(UINT8_MAX))
     return out
 
 

@@ -6,16 +6,23 @@
                                           it fits in 45% of it ("decode once"), else re-decoded while streaming
                                           with bounded memory (a streamed training split shuffles its index blocks
                                           before the decode, so no shuffle waits for, and holds, the decoded split)
-    map_batches(task.augment)             fresh random augmentation on every pass (every epoch), in Ray tasks
+    map_batches(task.augment_pixels)      fresh random augmentation on every pass (every epoch), in Ray tasks
                                           (``data.augment_on: pipeline``), or in each training worker's own
                                           process as it draws a batch (``worker``: ``pipelines.loop.augmented_batches``)
+    task.inputs_from_pixels               in the training worker, on its device: the augmented pixels (uint8 where
+                                          the augmentation kept them so) standardised into the model's float32 input
 
 Ray Train then splits the result across workers, which read their shard with ``iter_torch_batches`` (or, where
 they augment, ``iter_batches`` of the decoded arrays).
 
+Why pixels cross the object store, not model inputs: float32 inputs are 4x the bytes of uint8 pixels, and every
+byte an augment task writes is copied again by the reader's shuffle buffer and its torch conversion (and, on GPUs,
+to the device). Augmenting CIFAR-10's cached 50,000 images in Ray Data's tasks took 1.67 s an epoch shipping float32
+inputs and 0.82 s shipping uint8 pixels standardised by the reader (4 alternating rounds, 2 CPUs).
+
 Where augmentation runs (``data.augment_on``, :func:`augments_in_worker`): ``auto`` picks the worker when training
 computes on CPUs and the pipeline when it has GPUs. On CPUs the workers' torch threads already occupy the cores, and
-augment tasks beside them only compete for those cores, copy float32 crops through the object store and, in epoch 1,
+augment tasks beside them only compete for those cores, copy augmented crops through the object store and, in epoch 1,
 start processes that import torch (benchmarks/bench_train.py measures both places side by side). A GPU worker's
 CPU is free while the GPU computes, and augmenting there would stall the GPU: the pipeline augments on other CPUs.
 
@@ -28,14 +35,15 @@ An index that carries the data itself (CIFAR's raw bytes) is cut into more block
 the block size (:func:`source_blocks`): ``from_pandas`` puts the whole index in the object store.
 
 At real scale (``benchmarks/bench_data.py --scale full``: 50,000 CIFAR images, 2,913 VOC-size JPEG + PNG pairs, 2
-CPUs), what CPU training runs (augment in the loop) reads CIFAR 1.6-1.9x as fast as a batched torch DataLoader
-(0.42-0.58 s vs 0.80-0.94 s an epoch), and VOC, whose 2.2 GB decoded split the cache rule keeps (43% of a 5.25 GB
-store), 1.1x; augmenting in the pipeline's tasks VOC is 1.5x as fast (8.0 s vs 11.9 s), CIFAR slower (1.43-2.07 s:
-a fixed ~1 s of execution start-up per epoch). Streamed (the rule before cached at most 30% of the free store), a
-VOC epoch decodes again and took 12.7-13.9 s. Ray Data's per-operator reservation, which on 2 CPUs mostly admits
-one map task at a time, is kept: without it the ingest benchmark was faster, but a small store spilled more and
-training that augments in Ray Data's tasks ran 0.7x as fast. The benchmark's docstring has the tables and the
-measurements behind these reasons.
+CPUs), with uint8 pixels crossing over (both sides: the DataLoaders' workers also return pixels, which the consumer
+standardises), augmenting in the pipeline's tasks reads CIFAR 1.12x as fast as a batched torch DataLoader (0.66 s
+vs 0.74 s an epoch) and VOC, whose 2.2 GB decoded split the cache rule keeps (43% of a 5.25 GB store), 1.56x (5.0 s
+vs 7.8 s); what CPU training runs (augment in the loop) reads CIFAR 1.48x as fast. Shipping float32 inputs, the
+pipeline's CIFAR epoch took 1.43-2.07 s (0.46-0.61x) and VOC's 8.0 s. Streamed (the rule before cached at most 30%
+of the free store), a VOC epoch decodes again and took 12.7-13.9 s. Ray Data's per-operator reservation, which on
+2 CPUs mostly admits one map task at a time, is kept: without it the ingest benchmark was faster, but a small store
+spilled more and training that augments in Ray Data's tasks ran 0.7x as fast. The benchmark's docstring has the
+tables and the measurements behind these reasons.
 """
 
 from __future__ import annotations
@@ -157,10 +165,11 @@ def _decode(batch: Batch, task: str, cfg: Config) -> Batch:
 
 def augment_batch(batch: Batch, task: str, cfg: Config, train: bool,
                   rng: np.random.Generator | None = None) -> Batch:
-    """``task``'s augmentation of a decoded batch, only its tensor keys kept. Without ``rng`` a new unseeded
-    generator on every call: each epoch re-executes the pipeline's augment map, so augmentation is fresh each epoch."""
+    """``task``'s augmentation of a decoded batch into pixels (``Task.augment_pixels``), only its tensor keys kept.
+    Without ``rng`` a new unseeded generator on every call: each epoch re-executes the pipeline's augment map, so
+    augmentation is fresh each epoch."""
     found = task_at(task)
-    out = found.augment(batch, train, cfg, rng if rng is not None else np.random.default_rng())
+    out = found.augment_pixels(batch, train, cfg, rng if rng is not None else np.random.default_rng())
     return {key: out[key] for key in found.tensor_keys}
 
 

@@ -144,11 +144,12 @@ def start_worker(config: dict[str, Any]) -> WorkerRun:
 
 def augmented_batches(decoded: Iterable[dict[str, np.ndarray]], task: str, cfg: Config, train: bool,
                       rng: np.random.Generator, device: torch.device) -> Iterator[TensorBatch]:
-    """Tensor batches of ``decoded`` numpy batches, augmented by ``task`` (a :func:`pipelines.data.task_path`) as each
-    one is drawn, in the caller's thread: between training steps, as a plain loop does. (Augmenting in Ray Data's
-    prefetch thread instead, as a ``collate_fn``, beside the step's torch threads, was measured once 7% slower for
-    CIFAR-10 on 2 cores, and the same for banana.) Arrays the augmentation passes through unchanged may be read-only
-    views of the object store: those are copied, as torch wants writable memory.
+    """Tensor batches of augmented pixels of ``decoded`` numpy batches, augmented by ``task`` (a
+    :func:`pipelines.data.task_path`) as each one is drawn, in the caller's thread: between training steps, as a
+    plain loop does. (Augmenting in Ray Data's prefetch thread instead, as a ``collate_fn``, beside the step's torch
+    threads, was measured once 7% slower for CIFAR-10 on 2 cores, and the same for banana.) Arrays the augmentation
+    passes through unchanged may be read-only views of the object store: those are copied, as torch wants writable
+    memory.
     """
     for batch in decoded:
         out = augment_batch(batch, task, cfg, train, rng)
@@ -158,13 +159,19 @@ def augmented_batches(decoded: Iterable[dict[str, np.ndarray]], task: str, cfg: 
 
 def read_batches(data: Dataset | DataIterator, task: str, cfg: Config, train: bool,
                  rng: np.random.Generator, device: torch.device, batch_size: int,
-                 shuffle_rows: int | None = None) -> Iterable[TensorBatch]:
-    """Tensor batches of a split (a Dataset, or a worker's shard of one) for ``task`` (its import path): augmented
-    by the pipeline, or here, batch by batch, with ``rng`` (:func:`pipelines.data.augments_in_worker`)."""
-    if not augments_in_worker(cfg):
-        return data.iter_torch_batches(batch_size=batch_size, device=device, local_shuffle_buffer_size=shuffle_rows)
-    decoded = data.iter_batches(batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=shuffle_rows)
-    return augmented_batches(decoded, task, cfg, train, rng, device)
+                 shuffle_rows: int | None = None) -> Iterator[TensorBatch]:
+    """The model's tensor batches of a split (a Dataset, or a worker's shard of one) for ``task`` (its import path):
+    augmented by the pipeline, or here, batch by batch, with ``rng`` (:func:`pipelines.data.augments_in_worker`);
+    either way the pixels become the model's input on ``device`` (``Task.inputs_from_pixels``)."""
+    if augments_in_worker(cfg):
+        decoded = data.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                    local_shuffle_buffer_size=shuffle_rows)
+        pixels: Iterable[TensorBatch] = augmented_batches(decoded, task, cfg, train, rng, device)
+    else:
+        pixels = data.iter_torch_batches(batch_size=batch_size, device=device, local_shuffle_buffer_size=shuffle_rows)
+    found = task_at(task)
+    for batch in pixels:
+        yield found.inputs_from_pixels(batch, cfg)
 
 
 def shard_batches(run: WorkerRun, split: str, batch_size: int, epoch: int,

@@ -50,8 +50,10 @@ def test_worker_augments_with_the_tasks_own_augmentation_into_tensors(cifar_root
                                      torch.device("cpu")))
 
     assert len(batches) == 2
-    for tensors, want in zip(batches, expected, strict=True):
-        assert sorted(tensors) == sorted(task.tensor_keys)
+    for pixels, want in zip(batches, expected, strict=True):
+        assert sorted(pixels) == sorted(task.tensor_keys)
+        assert pixels["image"].dtype == torch.uint8 and pixels["image"].shape[-1] == 3  # NHWC pixels cross over
+        tensors = task.inputs_from_pixels(pixels, cfg)  # what the worker feeds the model: the task's numpy augment
         for key in task.tensor_keys:
             assert isinstance(tensors[key], torch.Tensor)
             np.testing.assert_array_equal(tensors[key].numpy(), want[key])
@@ -63,10 +65,10 @@ def test_the_pipeline_hands_workers_decoded_or_augmented_rows(ray_cluster, cifar
     cfg = _cfg(cifar_root, f"data.augment_on={place}")
     split = build_split(get_task("cifar10"), cfg, "train", train=True)
     batch = next(iter(split.dataset.iter_batches(batch_size=8, batch_format="numpy")))
-    if place == "worker":  # CIFAR's decoded rows: uint8 HWC images, as the object store caches them
-        assert (batch["image"].dtype, batch["image"].shape[1:]) == (np.uint8, (32, 32, 3))
-    else:  # model-ready: normalised float32 CHW
-        assert (batch["image"].dtype, batch["image"].shape[1:]) == (np.float32, (3, 32, 32))
+    # Either way uint8 HWC pixels cross the object store: CIFAR's decoded rows as cached (worker), or augmented ones
+    # (pipeline); the worker makes them model inputs.
+    assert (batch["image"].dtype, batch["image"].shape[1:]) == (np.uint8, (32, 32, 3))
+    assert ("augment_batch" in split.dataset.stats()) == (place == "pipeline")
 
 
 @pytest.mark.slow

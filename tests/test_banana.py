@@ -184,10 +184,10 @@ def test_flipped_batch_moves_image_and_boxes_together():
     boxes = np.array([[0, 6 / 60, 4 / 40, 21 / 60, 30 / 40]], np.float32)
     aug = A.BoxAugment(size=60, max_objects=2, hflip=1.0)
     x, out = A.detection_batch([image], [boxes], aug, train=True, rng=np.random.default_rng(0))
-    assert x.shape == (1, 3, 60, 60) and out.shape == (1, 2, 5)
+    assert x.shape == (1, 60, 60, 3) and x.dtype == np.uint8 and out.shape == (1, 2, 5)
     np.testing.assert_allclose(out[0, 0], [0, 39 / 60, 4 / 40, 54 / 60, 30 / 40], atol=1e-6)
     np.testing.assert_array_equal(out[0, 1], [-1] * 5)
-    white = np.argwhere(x[0, 0] > 0.5)  # rows, cols of white pixels in the resized, flipped image
+    white = np.argwhere(x[0, ..., 0] > 127)  # rows, cols of white pixels in the resized, flipped image
     x1, x2 = white[:, 1].min() / 60, (white[:, 1].max() + 1) / 60
     assert abs(x1 - out[0, 0, 1]) < 2 / 60 and abs(x2 - out[0, 0, 3]) < 2 / 60
 

@@ -21,9 +21,9 @@ def test_blocks_shrink_only_on_a_small_object_store():
 
 
 def test_batches_fit_a_block_and_keep_their_row_caps():
-    voc_crop_row = 320 * 480 * (3 * 4 + 1)  # float32 image + uint8 mask
-    assert batch_rows(voc_crop_row, 256, 20 * MB) == 20 * MB // voc_crop_row == 10
-    assert batch_rows(3 * 32 * 32 * 4, 256, DEFAULT_BLOCK) == 256  # CIFAR rows: the cap
+    voc_crop_row = 320 * 480 * (3 + 1)  # uint8 pixels + uint8 mask
+    assert batch_rows(voc_crop_row, 256, 20 * MB) == 20 * MB // voc_crop_row == 34
+    assert batch_rows(3 * 32 * 32, 256, DEFAULT_BLOCK) == 256  # CIFAR rows: the cap
     assert batch_rows(10**9, 64, 20 * MB) == 1  # one row larger than a block still makes progress
 
 
@@ -36,7 +36,7 @@ def test_row_bytes_measures_decoded_and_augmented_rows(tmp_path):
     decoded = task.decode({c: index[c].to_numpy() for c in index.columns}, cfg)
     pixels = sum(image.shape[0] * image.shape[1] for image in decoded["image"]) / len(index)
     assert sizes.decoded == 4 * pixels  # RGB + mask bytes per pixel (the keep flag is dropped)
-    assert sizes.augmented == 32 * 48 * (3 * 4 + 1)
+    assert sizes.augmented == 32 * 48 * (3 + 1)  # augmented pixels (uint8 RGB) and the uint8 mask
 
 
 def test_a_split_is_cached_while_the_store_stays_within_its_share():

@@ -89,6 +89,20 @@ def test_to_input_values_and_round_trip():
     assert np.array_equal(pictures.denormalize(T.to_input(images), None, None), images)
 
 
+@pytest.mark.parametrize("stats", [(None, None), (T.IMAGENET_MEAN, T.IMAGENET_STD)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_pixels_to_input_gives_to_inputs_values_in_either_memory_format(stats, memory_format):
+    """What the training worker feeds the model from shipped pixels equals the numpy transform, to the bit: on the
+    CPU path and in the torch operations accelerators run (here on CPU tensors), for uint8 and float pixels."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 7, 5, 3), dtype=np.uint8)
+    for pixels in (images, T.to_unit_float(images)):
+        want = T.to_input(pixels, *stats)
+        for convert in (T.pixels_to_input, T.tensor_to_input):
+            got = convert(torch.from_numpy(pixels), *stats, memory_format=memory_format)
+            assert got.dtype == torch.float32 and got.is_contiguous(memory_format=memory_format)
+            np.testing.assert_array_equal(got.numpy(), want)
+
+
 def test_to_input_equals_torchvision_to_tensor_and_normalize():
     images = random_images(np.random.default_rng(1))
     theirs = torch.stack([TF.normalize(TF.to_tensor(image), T.IMAGENET_MEAN, T.IMAGENET_STD) for image in images])

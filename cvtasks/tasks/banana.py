@@ -214,8 +214,9 @@ class BananaTask(Task):
             boxes.append(normalised)
         return {"image": object_array(images), "boxes": object_array(boxes), "keep": keep}
 
-    def augment(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
-        """-> ``image`` float32 (N, 3, size, size) in [0, 1], ``boxes`` float32 (N, max_objects, 5) padded with -1."""
+    def augment_pixels(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
+        """-> ``image`` pixels (N, size, size, 3), ``boxes`` float32 (N, max_objects, 5) padded with -1; the model's
+        input is the pixels in [0, 1]."""
         images, boxes = list(batch["image"]), list(batch["boxes"])
         if "keep" in batch:
             kept = np.asarray(batch["keep"], dtype=bool)

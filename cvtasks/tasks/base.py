@@ -5,7 +5,11 @@ them into tensors:
 
     index(split, cfg)   -> DataFrame, one row per sample (paths, labels; nothing decoded)
     decode(batch)       -> uint8 arrays; deterministic, so the pipeline may cache its output
-    augment(batch)      -> model-ready float32 / int64 arrays, freshly random each call when train=True
+    augment_pixels      -> augmented ``image`` pixels (N, H, W, 3), uint8 unless photometric steps made them float
+                           in [0, 1], and the targets; freshly random each call when train=True: what the pipeline
+                           moves between processes (a quarter of float32 inputs' bytes)
+    inputs_from_pixels  -> the model-ready float32 (N, 3, H, W) ``image``, on the device where the model runs
+    augment(batch)      -> both in numpy: model-ready float32 / int64 arrays (prediction, tests, pictures)
     forward/loss        -> weighted loss and its named parts
     metric_sums         -> additive tensors, summed over batches and workers, then ``summarize``d
 
@@ -25,6 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cvtasks import transforms as T
 from cvtasks.catalog import Workload
 from cvtasks.settings import TaskConfig
 
@@ -58,8 +63,26 @@ class Task(Workload, ABC):
         """
 
     @abstractmethod
+    def augment_pixels(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
+        """Decoded arrays -> arrays of one shape per key (random when ``train``): the ``image`` as augmented pixels
+        (N, H, W, 3), uint8, or float32 in [0, 1] after photometric steps, and the targets as the model needs them."""
+
+    def input_stats(self, cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """Per-channel (mean, std) that model inputs are standardised with; None: inputs are pixels / 255."""
+        return None
+
     def augment(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
-        """Decoded arrays -> model-ready arrays of one shape per key (random when ``train``)."""
+        """Decoded arrays -> model-ready arrays: :meth:`augment_pixels` with the ``image`` made the model's float32
+        (N, 3, H, W) input in numpy, as :meth:`inputs_from_pixels` makes it from a tensor."""
+        out = self.augment_pixels(batch, train, cfg, rng)
+        return {**out, "image": T.to_input(out["image"], *(self.input_stats(cfg) or (None, None)))}
+
+    def inputs_from_pixels(self, batch: TensorBatch, cfg: Config) -> TensorBatch:
+        """A batch of :meth:`augment_pixels` as tensors -> the model's batch: the ``image`` standardised into float32
+        (N, 3, H, W), channels-last when ``train.channels_last`` is on, on the pixels' device."""
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        image = T.pixels_to_input(batch["image"], *(self.input_stats(cfg) or (None, None)), memory_format)
+        return {**batch, "image": image}
 
     @abstractmethod
     def build_model(self, cfg: Config) -> nn.Module:

@@ -28,6 +28,7 @@ from torch import nn
 
 from cvtasks import pictures, storage
 from cvtasks import segmentation as seg
+from cvtasks import transforms as T
 from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import voc
@@ -129,8 +130,9 @@ class VocTask(Task):
                      len(keep), size[0], size[1], policy)
         return {"image": _object_array(images), "mask": _object_array(masks), "keep": np.asarray(keep, dtype=bool)}
 
-    def augment(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
-        """-> ``image`` float32 (N, 3, h, w) ImageNet-normalised, ``mask`` uint8 (N, h, w); (h, w) = crop_size.
+    def augment_pixels(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
+        """-> ``image`` uint8 crops (N, h, w, 3), ``mask`` uint8 (N, h, w); (h, w) = crop_size. The model's input is
+        the crops ImageNet-normalised (:meth:`input_stats`).
 
         Rows with ``keep=False`` are dropped here too, so decode output can be augmented directly.
         """
@@ -142,6 +144,9 @@ class VocTask(Task):
         image, mask = seg.paired_batch(images, masks, crop_size(cfg), train=train, rng=rng,
                                        hflip_prob=cfg.augment.hflip, ignore_index=voc.IGNORE_INDEX)
         return {"image": image, "mask": mask}
+
+    def input_stats(self, cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return T.IMAGENET_MEAN, T.IMAGENET_STD  # the FCN's backbone is torchvision's ImageNet ResNet-18
 
     def build_model(self, cfg: Config) -> nn.Module:
         return build_fcn(voc.NUM_CLASSES, cfg.model.weights)

@@ -66,12 +66,12 @@ class TinyTask(Task):
         images = np.stack(list(batch["pixels"])).reshape(-1, SIZE, SIZE).astype(np.uint8)
         return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)}
 
-    def augment(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
-        images = batch["image"].astype(np.float32)[:, None] / 255.0
+    def augment_pixels(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
+        images = batch["image"][..., None].copy()  # (N, H, W, 1) uint8: the model sees them / 255
         if train:  # a vertical flip keeps the side
             flip = rng.random(len(images)) < 0.5
-            images[flip] = images[flip, :, ::-1]
-        return {"image": np.ascontiguousarray(images), "label": batch["label"]}
+            images[flip] = images[flip, ::-1]
+        return {"image": images, "label": batch["label"]}
 
     def build_model(self, cfg: Config) -> nn.Module:
         width = cfg.model.width
