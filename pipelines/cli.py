@@ -176,13 +176,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.cluster import connect
-    from pipelines.demo import run_demo
+    from pipelines.demo import run_demo, selected_steps
     from pipelines.tracking import resolve_tracking_uri
 
+    steps = selected_steps(args.only)  # a wrong --only fails before Ray starts
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     connect(args.address)
     with stop_signals_raise():  # also between steps, over Ray's own SIGTERM handler (exit 15, no line)
-        run_demo(args.root, tracking_uri, only=args.only)
+        run_demo(args.root, tracking_uri, steps)
     return 0
 
 

@@ -64,14 +64,19 @@ def _largest_node_cpus() -> int:
     return max(1, *(int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]))
 
 
-def run_demo(root: str | Path, tracking_uri: str, only: list[str] | None = None) -> list[DemoRow]:
-    """Write (or reuse) the demo data, run the demo steps, print the summary table and the MLflow UI command."""
-    started = time.perf_counter()
+def selected_steps(only: list[str] | None = None) -> list[DemoStep]:
+    """The demo steps named in ``only`` (all without it), in demo order; ValueError naming any unknown name."""
     declared = demo_steps()
-    steps = [s for s in declared if not only or s.name in only]
-    if only and len(steps) != len(set(only)):
-        known = ", ".join(s.name for s in declared)
-        raise ValueError(f"unknown demo step(s) in {only}; known: {known}")
+    unknown = sorted(set(only or ()) - {s.name for s in declared})
+    if unknown:
+        raise ValueError(f"unknown demo step(s) {', '.join(unknown)}; known: {', '.join(s.name for s in declared)}")
+    return [s for s in declared if not only or s.name in only]
+
+
+def run_demo(root: str | Path, tracking_uri: str, steps: list[DemoStep]) -> list[DemoRow]:
+    """Write (or reuse) the demo data, run ``steps`` (:func:`selected_steps`), print the summary table and the MLflow
+    UI command."""
+    started = time.perf_counter()
     print(f"raycv demo: writing or reusing demo datasets under {root}", flush=True)
     make_demo(root)
     cpus = _largest_node_cpus()

@@ -90,3 +90,18 @@ def test_an_address_where_nothing_listens_fails_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"raycv: error: cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers there")
     assert not (tmp_path / "demo").exists()
+
+
+def test_an_unknown_demo_step_fails_in_one_line_before_ray_starts(tmp_path):
+    """The step names are checked first: with an address where nothing listens, the error is still the step's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [str(BIN / "raycv"), "demo", "--only", "hotdog-source", "--only", "nosuch", "--address", f"127.0.0.1:{port}",
+         "--root", str(tmp_path / "demo"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("raycv: error: unknown demo step(s) nosuch; known: cifar10, hotdog-source"), last
+    assert not (tmp_path / "demo").exists()
