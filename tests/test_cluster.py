@@ -33,6 +33,7 @@ from pipelines.predict import load_logged_model
 from pipelines.progress import PROGRESS_ENV
 from pipelines.train import run_training
 from tests.services import NODE_SLOT, add_ray_node, kill_session
+from tests.waiting import first_run_with_metric
 
 pytestmark = pytest.mark.slow
 
@@ -289,22 +290,6 @@ def test_sweep_job_on_two_nodes_with_s3_storage_then_resume_from_s3(ray_cluster,
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
-def _first_epoch_since(client: MlflowClient, task: str, since_ms: int, jobs: JobSubmissionClient, job_id: str,
-                       timeout: float = 300) -> str:
-    """The run id of the first ``task`` run started after ``since_ms`` that logged an epoch, while the job runs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert not jobs.get_job_status(job_id).is_terminal(), jobs.get_job_logs(job_id)[-3000:]
-        experiment = client.get_experiment_by_name(f"raycv-{task}")  # the job's run may be the first
-        runs = client.search_runs([experiment.experiment_id], f"attributes.start_time >= {since_ms}") if experiment \
-            else []
-        for run in runs:
-            if client.get_metric_history(run.info.run_id, METRIC[task]):
-                return run.info.run_id
-        time.sleep(0.5)
-    raise AssertionError(f"no epoch logged in {timeout} s")
-
-
 def test_ray_job_stop_leaves_the_run_killed_with_raycvs_line_in_the_log(ray_cluster, s3_env, mlflow_server,
                                                                         s3_demo_root):
     """``ray job stop`` sends the job's processes SIGTERM and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``): within
@@ -318,7 +303,9 @@ def test_ray_job_stop_leaves_the_run_killed_with_raycvs_line_in_the_log(ray_clus
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
     job_id = submitted.stdout.split("Job '")[1].split("'")[0]
     jobs, client = JobSubmissionClient(ray_cluster.dashboard_url), MlflowClient(mlflow_server.url)
-    run_id = _first_epoch_since(client, "hotdog", since_ms, jobs, job_id)
+    run_id = first_run_with_metric(
+        client, "raycv-hotdog", METRIC["hotdog"],
+        lambda: jobs.get_job_logs(job_id)[-3000:] if jobs.get_job_status(job_id).is_terminal() else None, since_ms)
 
     stopped = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", ray_cluster.dashboard_url, job_id],
                              cwd=REPO, env=s3_env, capture_output=True, text=True, timeout=120)

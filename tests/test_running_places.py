@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from pipelines import logs
 from pipelines.config import load_config
 from pipelines.train import run_training
 from pipelines.warm_cluster import session_processes
+from tests.waiting import first_run_with_metric
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +144,7 @@ def test_sigterm_stops_a_run_that_says_how_to_continue_it(demo_root, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own session, which the local Ray it starts inherits
     client = MlflowClient(tracking)
-    run_id = _first_metric_logged(client, "raycv-hotdog", "val_acc", proc)
+    run_id = first_run_with_metric(client, "raycv-hotdog", "val_acc", _process_output(proc))
     proc.send_signal(signal.SIGTERM)
     console, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, console[-3000:]
@@ -163,7 +165,7 @@ def test_ctrl_c_stops_the_demo_naming_its_step_with_the_run_killed(ray_cluster, 
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     client = MlflowClient(tracking)
-    run_id = _first_metric_logged(client, "raycv-hotdog", "val_acc", proc)
+    run_id = first_run_with_metric(client, "raycv-hotdog", "val_acc", _process_output(proc))
     os.killpg(proc.pid, signal.SIGINT)
     console, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, console[-3000:]
@@ -179,18 +181,9 @@ def _raycv_lines(console: str) -> list[str]:
     return [line for line in console.splitlines() if line.startswith("raycv: ")]
 
 
-def _first_metric_logged(client: MlflowClient, experiment: str, metric: str, proc: subprocess.Popen,
-                         timeout: float = 300) -> str:
-    """The run id of the first run in ``experiment`` that logged ``metric``, while ``proc`` runs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        found = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([found.experiment_id]) if found else []
-        if runs and client.get_metric_history(runs[0].info.run_id, metric):
-            return runs[0].info.run_id
-        time.sleep(0.5)
-    raise AssertionError(f"no epoch logged in {timeout} s")
+def _process_output(proc: subprocess.Popen) -> Callable[[], str | None]:
+    """For :func:`first_run_with_metric`: the end of ``proc``'s output once it has exited, None while it runs."""
+    return lambda: proc.communicate()[0][-3000:] if proc.poll() is not None else None
 
 
 def _session_processes_left(session: int, grace_s: float = 30) -> list:
@@ -212,7 +205,7 @@ def test_sigterm_stops_stylize_and_kills_its_unended_runs(demo_root, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     client = MlflowClient(tracking)
-    run_id = _first_metric_logged(client, "raycv-style", "total_loss", proc)
+    run_id = first_run_with_metric(client, "raycv-style", "total_loss", _process_output(proc))
     proc.send_signal(signal.SIGTERM)
     console, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, console[-3000:]
