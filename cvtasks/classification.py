@@ -80,13 +80,6 @@ def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]] | 
     return NORMALIZATIONS[name]
 
 
-def transform_images(images: np.ndarray | Sequence[np.ndarray], train: bool, cfg: Config,
-                     rng: np.random.Generator) -> np.ndarray:
-    """Decoded uint8 images -> float32 (N, 3, size, size) as ``cfg.augment`` says (random steps only if
-    ``train``)."""
-    return T.to_input(transform_pixels(images, train, cfg, rng), *(normalization(cfg) or (None, None)))
-
-
 def transform_pixels(images: np.ndarray | Sequence[np.ndarray], train: bool, cfg: Config,
                      rng: np.random.Generator) -> np.ndarray:
     """Decoded uint8 images -> the augmented pixels (N, size, size, 3) as ``cfg.augment`` says (random steps only
@@ -207,7 +200,8 @@ class ClassificationTask(Task):
             log.warning("class names unavailable (%s): predictions name class indices", exc)
             names = None
         images = [decode_rgb(storage.read_bytes(p), p) for p in paths]
-        inputs = torch.from_numpy(transform_images(images, False, cfg, np.random.default_rng(0)))
+        pixels = transform_pixels(images, False, cfg, np.random.default_rng(0))
+        inputs = torch.from_numpy(self.model_inputs(pixels, cfg))
         probs = torch.softmax(model(inputs).float(), dim=1)
         score, pred = probs.max(dim=1)
         records, tiles = [], []

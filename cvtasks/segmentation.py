@@ -87,9 +87,13 @@ def center_crop_pair(
     return window(image, mask, *center_crop_origin(image.shape, size), size, ignore_index)
 
 
+#: Per-channel (mean, std) of the segmentation model's inputs: the FCN's backbone is torchvision's ImageNet ResNet-18.
+INPUT_STATS = (T.IMAGENET_MEAN, T.IMAGENET_STD)
+
+
 def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) standardised with the ImageNet mean and std."""
-    return T.to_input(images, T.IMAGENET_MEAN, T.IMAGENET_STD)
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) standardised with :data:`INPUT_STATS`."""
+    return T.to_input(images, *INPUT_STATS)
 
 
 def paired_batch(

@@ -75,7 +75,11 @@ class Task(Workload, ABC):
         """Decoded arrays -> model-ready arrays: :meth:`augment_pixels` with the ``image`` made the model's float32
         (N, 3, H, W) input in numpy, as :meth:`inputs_from_pixels` makes it from a tensor."""
         out = self.augment_pixels(batch, train, cfg, rng)
-        return {**out, "image": T.to_input(out["image"], *(self.input_stats(cfg) or (None, None)))}
+        return {**out, "image": self.model_inputs(out["image"], cfg)}
+
+    def model_inputs(self, pixels: np.ndarray, cfg: Config) -> np.ndarray:
+        """Augmented pixels (N, H, W, C) -> the model's float32 (N, C, H, W) input, in numpy."""
+        return T.to_input(pixels, *(self.input_stats(cfg) or (None, None)))
 
     def inputs_from_pixels(self, batch: TensorBatch, cfg: Config) -> TensorBatch:
         """A batch of :meth:`augment_pixels` as tensors -> the model's batch: the ``image`` standardised into float32

@@ -28,7 +28,6 @@ from torch import nn
 
 from cvtasks import pictures, storage
 from cvtasks import segmentation as seg
-from cvtasks import transforms as T
 from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import voc
@@ -146,7 +145,7 @@ class VocTask(Task):
         return {"image": image, "mask": mask}
 
     def input_stats(self, cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return T.IMAGENET_MEAN, T.IMAGENET_STD  # the FCN's backbone is torchvision's ImageNet ResNet-18
+        return seg.INPUT_STATS
 
     def build_model(self, cfg: Config) -> nn.Module:
         return build_fcn(voc.NUM_CLASSES, cfg.model.weights)
