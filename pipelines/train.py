@@ -95,7 +95,8 @@ def worker_cpus(requested: float, workers: int, cluster_cpus: float, held_cpus: 
 
 
 def check_config(cfg: TaskConfig) -> None:
-    """Refuse, on the driver, config values a worker would fail on: numeric ranges, optimizer, schedule, cache.
+    """Refuse, on the driver, config values a worker would fail on: numeric ranges, optimizer, schedule, cache, the
+    standardisation of the model's inputs (the task's ``input_stats``, which only the training worker applies).
 
     The names are checked by the functions the workers call with them, so the lists of valid names stay in one
     place.
@@ -105,6 +106,7 @@ def check_config(cfg: TaskConfig) -> None:
         lr_factor(cfg.optim.schedule, 0, 1)
         should_cache(cfg.data.cache, 0, 0.0)
         augments_in_worker(cfg)
+        get_task(cfg.task).input_stats(cfg)
         make_optimizer([{"params": [torch.zeros(1, requires_grad=True)]}], cfg.optim)
     except ValueError as exc:  # torch's own checks (e.g. "Invalid momentum value") raise ValueError too
         raise ConfigError(str(exc)) from None

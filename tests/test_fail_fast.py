@@ -74,6 +74,7 @@ def test_value_constraints(override, message):
     ("optim.schedule=linear", 'Unknown optim.schedule "linear"'),
     ("data.cache=disk", 'Unknown data.cache mode "disk"'),
     ("data.augment_on=gpu", 'Unknown data.augment_on "gpu"'),
+    ("augment.normalize=bogus", 'Unknown augment.normalize "bogus"'),
 ])
 def test_unknown_names_are_refused_by_the_code_that_uses_them(override, message):
     with pytest.raises(ConfigError, match=message):
