@@ -151,12 +151,26 @@ def _import_task(path: str) -> None:
     task_at(path)
 
 
-def warm_map_workers(task: Task) -> None:
-    """Start importing ``task``'s module (torch, torchvision: ~8 s of CPU here) in as many of Ray's idle worker
-    processes as there are free CPUs, and return at once: while the driver opens the run and indexes the data, the
-    workers that will decode it get ready, instead of after the driver asks for the decode."""
+def warm_map_workers(path: str) -> None:
+    """Start importing the task at ``path`` (:func:`task_path`; torch, torchvision: ~8 s of CPU here) in as many of
+    Ray's worker processes as there are free CPUs, and return at once, so that the map tasks that follow find
+    workers ready instead of starting them.
+
+    Ray keeps worker processes per runtime environment, and this process's tasks inherit its own. The driver calls
+    it while it opens the run and indexes the data, for the decode; a training worker (rank 0) calls it as it
+    starts when Ray Data's tasks augment (:func:`warm_augment_workers`): Ray Train gives its processes their own
+    environment (Ray Train's variables as ``env_vars``), so the augment tasks, started from there, cannot use the
+    driver's decode workers."""
     for _ in range(int(ray.available_resources().get("CPU", 0))):
-        _import_task.remote(task_path(task))  # nothing waits for it: the decode that follows would import it too
+        _import_task.remote(path)  # nothing waits for it: the map task that follows would import it too
+
+
+def warm_augment_workers(path: str, cfg: Config, rank: int) -> None:
+    """:func:`warm_map_workers` from the rank-0 training worker, where Ray Data's tasks augment the batches: they
+    start in this run's Train environment, and their worker processes import torch while this one imports the
+    training loop and builds the model, not after the first epoch asks for a batch."""
+    if rank == 0 and not augments_in_worker(cfg):
+        warm_map_workers(path)
 
 
 def _decode(batch: Batch, task: str, cfg: Config) -> Batch:

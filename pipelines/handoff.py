@@ -32,7 +32,11 @@ class ResolvedWeights:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: :func:`pipelines.loop.train_loop_per_worker`, imported where it runs."""
+    """Ray Train entry point: :func:`pipelines.loop.train_loop_per_worker`, imported where it runs (after the
+    augment workers start warming up: :func:`pipelines.data.warm_augment_workers`)."""
+    from pipelines.data import warm_augment_workers
+
+    warm_augment_workers(config["task"], config["cfg"], ray.train.get_context().get_world_rank())
     from pipelines.loop import train_loop_per_worker as train_loop
 
     train_loop(config)

@@ -96,7 +96,7 @@ class TrainRunner:
         from mlflow.tracking import MlflowClient
 
         from pipelines.cluster import connect
-        from pipelines.data import warm_map_workers
+        from pipelines.data import task_path, warm_map_workers
         from pipelines.interrupts import stop_signals_raise
         from pipelines.report import print_summary, seconds_line
         from pipelines.tracking import LATEST_ALIAS, registered_name
@@ -110,7 +110,7 @@ class TrainRunner:
         phases["checks"] = time.perf_counter() - started
         connect(request.address)
         with stop_signals_raise():  # over Ray's own SIGTERM handler, set by connect: it exits 15 without a word
-            warm_map_workers(get_task(task))
+            warm_map_workers(task_path(get_task(task)))
             phases["Ray"] = time.perf_counter() - started - phases["checks"]
             outcome = run_training(cfg, request.tracking_uri, resume=resume, storage=request.storage,
                                    register_alias=LATEST_ALIAS, stop_signals=True)

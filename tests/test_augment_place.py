@@ -3,12 +3,14 @@ default) or in Ray Data's tasks (the GPU default); both give the model the same 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from ray.util.state import list_tasks
 
 from cvtasks.demo import cifar as demo_cifar
 from cvtasks.tasks import get_task
@@ -71,13 +73,31 @@ def test_the_pipeline_hands_workers_decoded_or_augmented_rows(ray_cluster, cifar
     assert ("augment_batch" in split.dataset.stats()) == (place == "pipeline")
 
 
+def _tasks_named(name: str, since_ms: int) -> list:
+    return [task for task in list_tasks(filters=[("name", "=", name)], limit=10_000, detail=True,
+                                        raise_on_missing_output=False) if (task.start_time_ms or 0) >= since_ms]
+
+
 @pytest.mark.slow
-def test_a_run_that_augments_in_the_pipeline_trains(ray_cluster, mlflow_server, cifar_root, tmp_path):
-    """The default runs of the other tests augment in the worker; this one trains through Ray Data's augment tasks."""
+def test_a_run_that_augments_in_the_pipeline_trains_in_warmed_workers(ray_cluster, mlflow_server, cifar_root,
+                                                                      tmp_path):
+    """The default runs of the other tests augment in the worker; this one trains through Ray Data's augment tasks,
+    which run in Ray Train's environment: the rank-0 worker warmed processes of that environment as it started, so
+    an augment task's process had imported the task before it (Ray's task events, from its state API)."""
+    started_ms = int(time.time() * 1000)
     cfg = _cfg(cifar_root, "data.augment_on=pipeline", "train.epochs=2", "data.batch_size=16", "model.width=8")
     outcome = run_training(cfg, mlflow_server.url, storage=str(tmp_path / "rr"))
     run = MlflowClient(mlflow_server.url).get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
+
+    deadline = time.monotonic() + 30  # task events reach the state API a second or so after the tasks
+    while not (augments := _tasks_named("MapBatches(augment_batch)", started_ms)) and time.monotonic() < deadline:
+        time.sleep(1)
+    warmed = {(task.worker_pid, task.node_id): task.end_time_ms for task in _tasks_named("_import_task", 0)
+              if task.end_time_ms}
+    assert augments
+    assert any(warmed.get((task.worker_pid, task.node_id), task.start_time_ms + 1) <= task.start_time_ms
+               for task in augments)
     assert run.data.params["data.augment_on"] == "pipeline"
     history = MlflowClient(mlflow_server.url).get_metric_history(outcome.run_id, "train_loss")
     assert len(history) == 2 and all(np.isfinite(m.value) for m in history)
