@@ -217,9 +217,6 @@ def _greedy_rounds(ious: Tensor, valid: Tensor) -> list[tuple[int, int, int]]:
 def _greedy_step(ious: Tensor, valid: Tensor, best_anchor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The greedy step's (image, anchor, box) pairs in a chunk of images (see _match_anchors), from their IoUs
     (Tensor[n, G, A]), valid (Tensor[n, G]) and each box's first best anchor (Tensor[n, G])."""
-    if ious.shape[1] == 1:  # one box cannot share its best anchor
-        images, boxes = valid.nonzero(as_tuple=True)
-        return images, best_anchor[images, boxes], boxes
     shared = (best_anchor[:, :, None] == best_anchor[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     shared.diagonal(dim1=1, dim2=2).fill_(False)
     collide = shared.flatten(1).any(dim=1)  # [n]
@@ -240,17 +237,17 @@ def _match_chunk(ious: Tensor, valid: Tensor, iou_threshold: float, matches: Ten
     into matches (Tensor[n, A], UNASSIGNED on entry). Returns the assigned (image, anchor) pairs."""
     if not bool(valid.all()):
         ious.masked_fill_(~valid[..., None], _DISCARDED_IOU)
-    num_anchors, single = ious.shape[-1], ious.shape[1] == 1
+    num_anchors = ious.shape[-1]
     block_max = _block_maxima(ious)  # [n, G, blocks]
 
     # Threshold step: each anchor's best box (the first of equal bests), where its IoU reaches the threshold. Only
     # the blocks of anchors whose maximum reaches it are searched.
-    best_iou = ious[:, 0] if single else ious.amax(dim=1)  # [n, A]
+    best_iou = ious.amax(dim=1)  # [n, A]
     hit_images, hit_blocks = (block_max.amax(dim=1) >= iou_threshold).nonzero(as_tuple=True)  # [K] each
     members, exists = _block_members(hit_blocks[:, None], num_anchors)  # [K, block]
     block, place = ((best_iou[hit_images[:, None], members] >= iou_threshold) & exists).nonzero(as_tuple=True)
     images, anchor_index = hit_images[block], members[block, place]  # [P] each
-    boxes = torch.zeros_like(images) if single else ious[images, :, anchor_index].argmax(dim=1)  # [P, G] -> [P]
+    boxes = ious[images, :, anchor_index].argmax(dim=1)  # [P, G] -> [P]
     matches[images, anchor_index] = boxes
 
     # Greedy step, replacing the threshold step's box of the anchors it assigns.
@@ -258,6 +255,19 @@ def _match_chunk(ious: Tensor, valid: Tensor, iou_threshold: float, matches: Ten
     matches[greedy_images, greedy_anchors] = greedy_boxes
     new = best_iou[greedy_images, greedy_anchors] < iou_threshold  # anchors that the threshold step left unassigned
     return torch.cat((images, greedy_images[new])), torch.cat((anchor_index, greedy_anchors[new]))
+
+
+def _match_one_box(ious: Tensor, valid: Tensor, iou_threshold: float, matches: Tensor) -> tuple[Tensor, Tensor]:
+    """_match_chunk where the images have one ground-truth row each (banana detection's case, Tensor[n, 1, A] IoUs):
+    every anchor assigned takes box 0, the threshold step is one comparison and the greedy step the box's first best
+    anchor (nothing is discarded before it), a few operations instead of the block search's forty."""
+    ious = ious[:, 0]  # [n, A]
+    assigned = ious >= iou_threshold
+    assigned[torch.arange(ious.shape[0], device=ious.device), ious.argmax(dim=1)] = True
+    assigned &= valid  # [n, 1]: a padding row assigns nothing
+    images, anchor_index = assigned.nonzero(as_tuple=True)
+    matches[images, anchor_index] = 0
+    return images, anchor_index
 
 
 def _match_anchors(
@@ -273,7 +283,8 @@ def _match_anchors(
     The greedy step needs no rounds where, in an image, the valid boxes' best anchors (the first argmax of each
     box's IoUs) are all different: then each round picks some box's best anchor and discards no other box's best,
     so the rounds assign exactly the pairs (best anchor of box g, g), in any order. Only images where two boxes
-    share a best anchor (or with more boxes than anchors) go through the book's rounds (_greedy_rounds).
+    share a best anchor (or with more boxes than anchors) go through the book's rounds (_greedy_rounds). With one
+    box per image, no rounds are needed at all (_match_one_box).
 
     The IoUs are computed for a chunk of images at a time, and each chunk is matched from them before the next
     (_match_chunk), so that they stay in the CPU's cache.
@@ -294,11 +305,12 @@ def _match_anchors(
         return matches, (nothing, nothing)
     chunk = max(1, _CHUNK_ELEMENTS // (num_gt * num_anchors)) if device.type == "cpu" else batch
     iou_pass = _IoUPass(gt_boxes, anchors, chunk)
+    match = _match_chunk if num_gt > 1 else _match_one_box
     images, anchor_index = [], []
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
-        chunk_images, chunk_anchors = _match_chunk(iou_pass(start, stop), gt_valid[start:stop], iou_threshold,
-                                                   matches[start:stop])  # fmt: skip
+        chunk_images, chunk_anchors = match(iou_pass(start, stop), gt_valid[start:stop], iou_threshold,
+                                            matches[start:stop])
         images.append(chunk_images + start)
         anchor_index.append(chunk_anchors)
     return matches, (torch.cat(images), torch.cat(anchor_index))

@@ -271,6 +271,35 @@ def _assert_same_targets(got, expected):
     torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
 
 
+def _tinyssd_anchors_128px() -> torch.Tensor:
+    """TinySSD's 1,364 anchors at 128 px, [A, 4]."""
+    stages = [(16, [0.2, 0.272]), (8, [0.37, 0.447]), (4, [0.54, 0.619]), (2, [0.71, 0.79]), (1, [0.88, 0.961])]
+    anchors = torch.cat([multibox_prior(torch.zeros(1, 1, side, side), sizes, [1, 2, 0.5]) for side, sizes in stages],
+                        dim=1)[0]  # fmt: skip
+    assert anchors.shape[0] == 1364
+    return anchors
+
+
+def test_one_object_per_image_matches_the_books_loop():
+    """Banana detection's case, one ground-truth row per image (its own path: no greedy rounds). Every anchor is
+    there twice, so each IoU ties with its copy's (the first copy wins, as torch.argmax in the book); the last
+    object is too small for any anchor to reach the threshold, so it gets its best anchor from the greedy step
+    alone; an image whose one row is padding gets nothing."""
+    generator = torch.Generator().manual_seed(11)
+    anchors = _tinyssd_anchors_128px().repeat(2, 1)
+    classes = torch.randint(0, 3, (10, 1, 1), generator=generator).float()
+    labels = torch.cat((classes, random_boxes(10, generator, max_size=0.4).clamp(0, 1).reshape(10, 1, 4)), dim=-1)
+    labels[-1, 0, 1:] = torch.tensor([0.5, 0.5, 0.51, 0.51])
+    book = _book_multibox_target(anchors, labels)
+    assert int(book[1][-1].sum()) == 4  # the tiny object: one anchor, from the greedy step
+
+    _assert_same_targets(multibox_target(anchors, labels), book)
+    padded = torch.cat((labels, torch.full((1, 1, 5), -1.0)))
+    offsets, mask, classes_out = multibox_target(anchors, padded)
+    _assert_same_targets((offsets[:-1], mask[:-1], classes_out[:-1]), book)
+    assert not offsets[-1].any() and not mask[-1].any() and not classes_out[-1].any()
+
+
 @pytest.mark.parametrize("chunk_images", [None, 5])
 def test_multibox_target_matches_the_books_loop_on_tinyssd_anchors_with_many_objects(chunk_images, monkeypatch):
     """1,364 anchors (TinySSD at 128 px: more than one block of the first-argmax search, with a short last block),
@@ -280,10 +309,8 @@ def test_multibox_target_matches_the_books_loop_on_tinyssd_anchors_with_many_obj
     if chunk_images:
         monkeypatch.setattr(boxes, "_CHUNK_ELEMENTS", chunk_images * 8 * 1364)
     generator = torch.Generator().manual_seed(8)
-    stages = [(16, [0.2, 0.272]), (8, [0.37, 0.447]), (4, [0.54, 0.619]), (2, [0.71, 0.79]), (1, [0.88, 0.961])]
-    anchors = torch.cat([multibox_prior(torch.zeros(1, 1, side, side), sizes, [1, 2, 0.5]) for side, sizes in stages],
-                        dim=1)[0]  # fmt: skip
-    assert anchors.shape[0] == 1364 and anchors.shape[0] % boxes._ARGMAX_BLOCK
+    anchors = _tinyssd_anchors_128px()
+    assert anchors.shape[0] % boxes._ARGMAX_BLOCK
     classes = torch.randint(0, 3, (12, 8, 1), generator=generator).float()
     labels = torch.cat((classes, random_boxes(12 * 8, generator, max_size=0.3).clamp(0, 1).reshape(12, 8, 4)), dim=-1)
     labels[::3, 1, 1:] = labels[::3, 0, 1:] + 0.004  # near twins: the same best anchor
