@@ -157,7 +157,7 @@ def warm_map_workers(path: str) -> None:
     workers ready instead of starting them.
 
     Ray keeps worker processes per runtime environment, and this process's tasks inherit its own. The driver calls
-    it while it opens the run and indexes the data, for the decode; a training worker (rank 0) calls it as it
+    it while it opens the run and indexes the data, for the decode; a run's one training worker calls it as it
     starts when Ray Data's tasks augment (:func:`warm_augment_workers`): Ray Train gives its processes their own
     environment (Ray Train's variables as ``env_vars``), so the augment tasks, started from there, cannot use the
     driver's decode workers."""
@@ -165,11 +165,15 @@ def warm_map_workers(path: str) -> None:
         _import_task.remote(path)  # nothing waits for it: the map task that follows would import it too
 
 
-def warm_augment_workers(path: str, cfg: Config, rank: int) -> None:
-    """:func:`warm_map_workers` from the rank-0 training worker, where Ray Data's tasks augment the batches: they
-    start in this run's Train environment, and their worker processes import torch while this one imports the
-    training loop and builds the model, not after the first epoch asks for a batch."""
-    if rank == 0 and not augments_in_worker(cfg):
+def warm_augment_workers(path: str, cfg: Config) -> None:
+    """:func:`warm_map_workers` from a run's one training worker, where Ray Data's tasks augment the batches: the
+    worker runs their pipeline itself, so they start in its Train environment, and their processes import torch
+    while it imports the training loop and builds the model, not after the first epoch asks for a batch.
+
+    With several workers each split's coordinator actor runs the pipeline, and its tasks did not use processes
+    warmed from a worker (measured: 2 workers, the augment tasks ran in a new process): no warm-up there, whose
+    import would only take CPU from the workers'."""
+    if cfg.scaling.workers == 1 and not augments_in_worker(cfg):
         warm_map_workers(path)
 
 

@@ -36,7 +36,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augment workers start warming up: :func:`pipelines.data.warm_augment_workers`)."""
     from pipelines.data import warm_augment_workers
 
-    warm_augment_workers(config["task"], config["cfg"], ray.train.get_context().get_world_rank())
+    warm_augment_workers(config["task"], config["cfg"])
     from pipelines.loop import train_loop_per_worker as train_loop
 
     train_loop(config)
