@@ -165,6 +165,13 @@ def warm_map_workers(path: str) -> None:
         _import_task.remote(path)  # nothing waits for it: the map task that follows would import it too
 
 
+def workers_read_whole_splits(cfg: Config) -> bool:
+    """Whether the run's training worker reads each whole split itself, running its pipeline in its own process
+    (one worker), rather than a shard from a coordinator actor per split (several workers: splitting a split for
+    one worker would start that actor, a new process importing Ray Data, for nothing)."""
+    return cfg.scaling.workers == 1
+
+
 def warm_augment_workers(path: str, cfg: Config) -> None:
     """:func:`warm_map_workers` from a run's one training worker, where Ray Data's tasks augment the batches: the
     worker runs their pipeline itself, so they start in its Train environment, and their processes import torch
@@ -173,7 +180,7 @@ def warm_augment_workers(path: str, cfg: Config) -> None:
     With several workers each split's coordinator actor runs the pipeline, and its tasks did not use processes
     warmed from a worker (measured: 2 workers, the augment tasks ran in a new process): no warm-up there, whose
     import would only take CPU from the workers'."""
-    if cfg.scaling.workers == 1 and not augments_in_worker(cfg):
+    if workers_read_whole_splits(cfg) and not augments_in_worker(cfg):
         warm_map_workers(path)
 
 

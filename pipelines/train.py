@@ -33,7 +33,7 @@ from cvtasks.tasks import get_task
 from cvtasks.tasks.base import Task
 from pipelines import failures, logs, tracking
 from pipelines.config import ConfigError, check_values
-from pipelines.data import augments_in_worker, build_split, should_cache, task_path
+from pipelines.data import augments_in_worker, build_split, should_cache, task_path, workers_read_whole_splits
 from pipelines.handoff import FailFastCallback, ResolvedWeights, train_loop_per_worker
 from pipelines.interrupts import RunInterrupted, fit_run, stop_signals_raise
 from pipelines.progress import console_style
@@ -309,9 +309,7 @@ def run_training(
                     logging_config=LoggingConfig(log_level=logs.ray_log_level()),
                 ),
                 datasets={"train": train.dataset, "val": val.dataset},
-                # One worker reads each whole split itself: splitting it would start a coordinator actor per split
-                # (a new process importing Ray Data) for nothing.
-                dataset_config=DataConfig(datasets_to_split="all" if cfg.scaling.workers > 1 else []),
+                dataset_config=DataConfig(datasets_to_split=[] if workers_read_whole_splits(cfg) else "all"),
             )
             phases["data pipelines"] = time.perf_counter() - started - sum(phases.values())
             fit_started = time.time()

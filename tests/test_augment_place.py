@@ -82,8 +82,8 @@ def _tasks_named(name: str, since_ms: int) -> list:
 def test_a_run_that_augments_in_the_pipeline_trains_in_warmed_workers(ray_cluster, mlflow_server, cifar_root,
                                                                       tmp_path):
     """The default runs of the other tests augment in the worker; this one trains through Ray Data's augment tasks,
-    which run in Ray Train's environment: the rank-0 worker warmed processes of that environment as it started, so
-    an augment task's process had imported the task before it (Ray's task events, from its state API)."""
+    which run in Ray Train's environment: the run's one worker warmed processes of that environment as it started,
+    so an augment task's process had imported the task before it (Ray's task events, from its state API)."""
     started_ms = int(time.time() * 1000)
     cfg = _cfg(cifar_root, "data.augment_on=pipeline", "train.epochs=2", "data.batch_size=16", "model.width=8")
     outcome = run_training(cfg, mlflow_server.url, storage=str(tmp_path / "rr"))
