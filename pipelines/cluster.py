@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+from typing import Any
 
 import ray
 
 from pipelines import local_ray, logs
 from pipelines.failures import RunError
+from pipelines.interrupts import RunInterrupted
 from pipelines.warm_cluster import connection_error
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         _require_listener(address)
         try:
-            ray.init(address=address, log_to_driver=True, logging_level=logs.ray_log_level())
+            _ray_init(address=address, log_to_driver=True, logging_level=logs.ray_log_level())
         except ConnectionError as exc:
             raise RunError(f"cannot connect to the Ray cluster at {address} ({str(exc).splitlines()[0]}): is it "
                            "running? A cluster with token authentication (Ray's default) also needs "
@@ -42,13 +45,25 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         # "local" starts a fresh instance even where `ray start` left a cluster running: no address means local.
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it the
         # workers' CPUs of a sweep trial that ASHA stopped are never released and the next trial waits forever.
-        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           log_to_driver=True, logging_level=logs.ray_log_level(),
-                           _system_config=local_ray.worker_pool_config(num_cpus or os.cpu_count() or 1))
+        context = _ray_init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                            log_to_driver=True, logging_level=logs.ray_log_level(),
+                            _system_config=local_ray.worker_pool_config(num_cpus or os.cpu_count() or 1))
         log.info("started a local Ray with %s CPUs; dashboard http://%s", ray.cluster_resources().get("CPU"),
                  context.dashboard_url)
     logs.filter_process_output()
     quiet_data_context()
+
+
+def _ray_init(**kwargs: Any) -> Any:
+    """``ray.init``, where a SIGTERM stops the command with a line that says so: ``ray.init`` first installs Ray's
+    own SIGTERM handler, which exits with the signal's number and no word (``sys.exit(15)``); a local Ray's
+    processes, started as its children, go with the process."""
+    try:
+        return ray.init(**kwargs)
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM:
+            raise RunInterrupted(signal.SIGTERM, "stopped by SIGTERM while Ray started") from None
+        raise
 
 
 def _require_listener(address: str) -> None:

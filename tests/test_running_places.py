@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -155,6 +156,34 @@ def test_sigterm_stops_a_run_that_says_how_to_continue_it(demo_root, tmp_path):
     assert run.info.status == "KILLED"
     assert f"after {len(_epochs_logged(client, run_id))} of 50 epochs" in stopped
     assert _session_processes_left(proc.pid) == [], "the command's local Ray outlived it"
+
+
+def test_sigterm_while_ray_starts_says_so_and_leaves_no_ray(demo_root, tmp_path):
+    """SIGTERM while ``ray.init`` starts the command's local Ray (its GCS up, the rest starting): Ray's own handler,
+    installed as ``ray.init`` begins, would exit 15 without a word."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [str(BIN / "raycv"), "train", "hotdog", "--data-root", str(demo_root), "--epochs", "1",
+           "--set", "model.weights=scratch", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--storage", str(tmp_path / "ray")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any("gcs_server" in _name(p) for p in session_processes(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, "no local Ray started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    console, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, console[-3000:]
+    assert _raycv_lines(console) == ["raycv: stopped by SIGTERM while Ray started"], console[-3000:]
+    assert _session_processes_left(proc.pid) == [], "the command's local Ray outlived it"
+
+
+def _name(process) -> str:
+    """A psutil process's name, or "" once it has gone."""
+    try:
+        return process.name()
+    except psutil.Error:  # it exited while we looked
+        return ""
 
 
 def test_ctrl_c_stops_the_demo_naming_its_step_with_the_run_killed(ray_cluster, demo_root, tmp_path):
