@@ -16,7 +16,7 @@ from cvtasks.demo import cifar as demo_cifar
 from cvtasks.tasks import get_task
 from pipelines.config import load_config
 from pipelines.data import augments_in_worker, build_split, task_path
-from pipelines.loop import augmented_batches
+from pipelines.loop import augmented_batches, locally_shuffled
 from pipelines.train import run_training
 
 
@@ -59,6 +59,46 @@ def test_worker_augments_with_the_tasks_own_augmentation_into_tensors(cifar_root
         for key in task.tensor_keys:
             assert isinstance(tensors[key], torch.Tensor)
             np.testing.assert_array_equal(tensors[key].numpy(), want[key])
+
+
+def _image_batches(shapes: list[list[tuple[int, int]]]) -> list[dict[str, np.ndarray]]:
+    """Batches of rows numbered 0.. in order, one per list of row shapes: ``id``, and ``image`` arrays filled with
+    the row's id, as Ray Data gives a variable-shaped column (dense where a batch's rows share a shape, an object
+    array of rows otherwise)."""
+    batches, first = [], 0
+    for batch_shapes in shapes:
+        ids = np.arange(first, first + len(batch_shapes))
+        rows = [np.full((*shape, 3), i % 256, np.uint8) for i, shape in zip(ids, batch_shapes, strict=True)]
+        if len(set(batch_shapes)) == 1:
+            image = np.stack(rows)
+        else:
+            image = np.empty(len(rows), dtype=object)
+            for i, row in enumerate(rows):
+                image[i] = row
+        batches.append({"id": ids, "image": image})
+        first += len(rows)
+    return batches
+
+
+def test_local_shuffle_gives_every_row_once_in_full_batches_mixing_input_batches():
+    dense, ragged = [(4, 6)] * 8, [(4, 6), (5, 3)] * 4
+    batches = _image_batches([dense, ragged, dense, [(2, 2)] * 8, [(4, 6)] * 5])
+    out = list(locally_shuffled(iter(batches), batch_size=8, buffer_rows=16, rng=np.random.default_rng(0)))
+    ids = np.concatenate([batch["id"] for batch in out])
+    assert sorted(ids.tolist()) == list(range(37))
+    assert [len(batch["id"]) for batch in out] == [8, 8, 8, 8, 5]
+    assert ids.tolist() != list(range(37)) and any(len({i // 8 for i in batch["id"]}) > 1 for batch in out)
+    for batch in out:  # each row's image travelled with its id
+        assert all(int(image[0, 0, 0]) == i % 256 for i, image in zip(batch["id"], batch["image"], strict=True))
+    again = list(locally_shuffled(iter(batches), batch_size=8, buffer_rows=16, rng=np.random.default_rng(0)))
+    assert all(np.array_equal(a["id"], b["id"]) for a, b in zip(out, again, strict=True))  # the rng decides
+
+
+def test_local_shuffle_moves_ragged_images_as_references():
+    batches = _image_batches([[(3, 3), (3, 5)] * 2, [(2, 2), (3, 5)] * 2, [(4, 4), (1, 1)] * 2])
+    held = {id(image) for batch in batches for image in batch["image"]}
+    out = list(locally_shuffled(iter(batches), batch_size=4, buffer_rows=4, rng=np.random.default_rng(1)))
+    assert {id(image) for batch in out for image in batch["image"]} == held
 
 
 @pytest.mark.slow

@@ -49,6 +49,10 @@ class Task(Workload, ABC):
     tensor_keys: ClassVar[tuple[str, ...]] = ("image", "label")
     #: Whether ``metric_sums`` also runs on training batches (off where it is costly, e.g. mAP after NMS).
     train_metrics: ClassVar[bool] = True
+    #: Whether ``decode`` gives images of varying sizes (object arrays of rows): a training worker that augments them
+    #: shuffles its rows as references (``pipelines.loop.locally_shuffled``), where Ray Data's shuffle buffer copies
+    #: every image through Arrow (most of a VOC epoch).
+    ragged_decode: ClassVar[bool] = False
 
     @abstractmethod
     def index(self, split: str, cfg: Config) -> pd.DataFrame:

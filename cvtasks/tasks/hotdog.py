@@ -53,6 +53,7 @@ class FinetuneModel(Section):
 
 class HotdogTask(ClassificationTask):
     name = "hotdog"
+    ragged_decode = True  # photos of any size
     sections = {**ClassificationTask.sections, "data": HotdogData, "optim": HotdogOptim, "model": FinetuneModel}
     datasets = (
         Dataset("hotdog", "hotdog", demo_writer="cvtasks.demo.hotdog:write", demo_cost=2,

@@ -83,6 +83,7 @@ def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
 
 class VocTask(Task):
     name = "voc"
+    ragged_decode = True  # scenes of any size
     metric = "val_miou"
     sections = {"model": VocModel, "augment": VocAugment}
     datasets = (Dataset(
