@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -82,3 +83,11 @@ def encode_png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def object_array(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """A 1-D object array holding ``arrays`` (np.array would stack equal shapes into one array)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        out[i] = array
+    return out

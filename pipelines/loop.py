@@ -26,6 +26,7 @@ from ray.data import DataIterator, Dataset
 from torch import nn
 
 from cvtasks.errors import DataFormatError
+from cvtasks.images import object_array
 from cvtasks.models.weights import load_tensor_file
 from cvtasks.tasks.base import Config, Task, TensorBatch
 from pipelines import logs
@@ -205,10 +206,7 @@ def _joined(columns: list[np.ndarray]) -> np.ndarray:
         return first
     if all(part.dtype == first.dtype and part.shape[1:] == first.shape[1:] for part in columns):
         return np.concatenate(columns)
-    rows = np.empty(sum(len(part) for part in columns), dtype=object)
-    for place, row in enumerate(row for part in columns for row in part):
-        rows[place] = row
-    return rows
+    return object_array([row for part in columns for row in part])
 
 
 def read_batches(data: Dataset | DataIterator, task: str, cfg: Config, train: bool,

@@ -24,7 +24,7 @@ import pandas as pd
 
 from cvtasks import storage
 from cvtasks.errors import DataFormatError
-from cvtasks.images import decode_rgb
+from cvtasks.images import decode_rgb, object_array
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,6 @@ def index(root: str, dataset: str, split: str) -> pd.DataFrame:
         paths += [storage.join(class_dir, f) for f in files]
         labels += [label] * len(files)
     return pd.DataFrame({"path": paths, "label": np.asarray(labels, dtype=np.int64)})
-
-
-def object_array(arrays: list[np.ndarray]) -> np.ndarray:
-    """A 1-D object array holding ``arrays`` (np.array would stack equal shapes into one array)."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, array in enumerate(arrays):
-        out[i] = array
-    return out
 
 
 #: Stand-in for an image that failed to decode under ``skip_bad``; its row has ``keep=False`` and is dropped.

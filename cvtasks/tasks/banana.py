@@ -35,8 +35,8 @@ from cvtasks.box_augment import BoxAugment, detection_batch, resize
 from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import banana as fmt
-from cvtasks.formats.imagefolder import PLACEHOLDER, object_array
-from cvtasks.images import decode_rgb
+from cvtasks.formats.imagefolder import PLACEHOLDER
+from cvtasks.images import decode_rgb, object_array
 from cvtasks.models.fasterrcnn import FasterRCNNSettings, build_fasterrcnn
 from cvtasks.models.ssd import TinySSD
 from cvtasks.models.weights import SCRATCH

@@ -31,7 +31,7 @@ from cvtasks import segmentation as seg
 from cvtasks.catalog import ALL_CORES, D2L_DATA_URL, Dataset, DemoStep, Download
 from cvtasks.errors import DataFormatError
 from cvtasks.formats import voc
-from cvtasks.images import decode_rgb
+from cvtasks.images import decode_rgb, object_array
 from cvtasks.models.fcn import FCN, build_fcn
 from cvtasks.settings import Section
 from cvtasks.tasks.base import Batch, Config, Task, TensorBatch
@@ -71,14 +71,6 @@ def small_policy(cfg: Config) -> str:
     if policy not in SMALL_POLICIES:
         raise ValueError(f'Unknown augment.small policy "{policy}": use {" or ".join(SMALL_POLICIES)}')
     return policy
-
-
-def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
-    """A 1-D object array of arrays, even when they all share one shape (np.array would stack them)."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, array in enumerate(arrays):
-        out[i] = array
-    return out
 
 
 class VocTask(Task):
@@ -128,7 +120,7 @@ class VocTask(Task):
             action = "dropping" if policy == "filter" else "padding"
             log.info("%s %d of %d images smaller than the %dx%d crop (augment.small=%s)", action, small,
                      len(keep), size[0], size[1], policy)
-        return {"image": _object_array(images), "mask": _object_array(masks), "keep": np.asarray(keep, dtype=bool)}
+        return {"image": object_array(images), "mask": object_array(masks), "keep": np.asarray(keep, dtype=bool)}
 
     def augment_pixels(self, batch: Batch, train: bool, cfg: Config, rng: np.random.Generator) -> Batch:
         """-> ``image`` uint8 crops (N, h, w, 3), ``mask`` uint8 (N, h, w); (h, w) = crop_size. The model's input is
