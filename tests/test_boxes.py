@@ -176,6 +176,17 @@ def test_offset_boxes_uses_centre_shift_over_anchor_size():
     torch.testing.assert_close(offset_boxes(anchor, box)[0], torch.tensor(expected), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_offset_boxes_equals_the_books_formula_to_the_bit(device):
+    """d2l's offset_boxes, through box_corner_to_center, on broadcasting shapes (one anchor set, a batch of boxes)."""
+    generator = torch.Generator().manual_seed(5)
+    anchors, boxes = random_boxes(60, generator).to(device), random_boxes(180, generator).to(device).reshape(3, 60, 4)
+    c_anc, c_assigned_bb = box_corner_to_center(anchors), box_corner_to_center(boxes)
+    offset_xy = 10 * (c_assigned_bb[..., :2] - c_anc[..., :2]) / c_anc[..., 2:]
+    offset_wh = 5 * torch.log(1e-6 + c_assigned_bb[..., 2:] / c_anc[..., 2:])
+    assert torch.equal(offset_boxes(anchors, boxes), torch.cat([offset_xy, offset_wh], dim=-1))
+
+
 # ---- anchor labelling ----
 
 
