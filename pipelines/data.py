@@ -234,12 +234,17 @@ def count_skipped(decoded: ray.data.Dataset, rows: int, cached: bool, skip_bad: 
     return rows - decoded.count()
 
 
+def row_count(batch: Batch) -> int:
+    """Rows of a batch (a dict of equally long columns)."""
+    return len(next(iter(batch.values())))
+
+
 def row_bytes(task: Task, cfg: Config, index: pd.DataFrame) -> RowBytes:
     """Decode and augment the first rows of ``index`` on the driver and measure them."""
     probe = index.head(SIZE_PROBE_ROWS)
     decoded = _decode({col: probe[col].to_numpy() for col in probe.columns}, task_path(task), cfg)
     decoded_per_row = sum(_nbytes(v) for v in decoded.values()) / max(len(probe), 1)
-    kept = len(next(iter(decoded.values())))
+    kept = row_count(decoded)
     if not kept:  # every probe row dropped: the decoded size is the best guess left
         return RowBytes(decoded_per_row, decoded_per_row)
     augmented = augment_batch(decoded, task_path(task), cfg, train=False)

@@ -30,7 +30,7 @@ from cvtasks.images import object_array
 from cvtasks.models.weights import load_tensor_file
 from cvtasks.tasks.base import Config, Task, TensorBatch
 from pipelines import logs
-from pipelines.data import augment_batch, augments_in_worker, task_at
+from pipelines.data import augment_batch, augments_in_worker, row_count, task_at
 from pipelines.failures import fail_fast
 from pipelines.progress import EpochProgress, steps_per_epoch
 from pipelines.run_logging import FIRST_STEP_TAG, RunLogger, system_metrics
@@ -171,7 +171,7 @@ def locally_shuffled(batches: Iterable[dict[str, np.ndarray]], batch_size: int, 
     window, pending, rows = buffer_rows + batch_size, [], 0
     for batch in batches:
         pending.append(batch)
-        rows += _row_count(batch)
+        rows += row_count(batch)
         if rows >= window:
             shuffled, full = _shuffled(pending, rng), rows - rows % batch_size
             yield from _sliced(shuffled, full, batch_size)
@@ -179,10 +179,6 @@ def locally_shuffled(batches: Iterable[dict[str, np.ndarray]], batch_size: int, 
             rows -= full
     if rows:
         yield from _sliced(_shuffled(pending, rng), rows, batch_size)
-
-
-def _row_count(batch: dict[str, np.ndarray]) -> int:
-    return len(next(iter(batch.values())))
 
 
 def _sliced(batch: dict[str, np.ndarray], stop: int, size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -193,7 +189,7 @@ def _sliced(batch: dict[str, np.ndarray], stop: int, size: int) -> Iterator[dict
 
 def _shuffled(batches: list[dict[str, np.ndarray]], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The rows of ``batches``, one batch, in a random order."""
-    order = rng.permutation(sum(_row_count(batch) for batch in batches))
+    order = rng.permutation(sum(row_count(batch) for batch in batches))
     return {key: _joined([batch[key] for batch in batches])[order] for key in batches[0]}
 
 

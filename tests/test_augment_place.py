@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.state import list_tasks
 
 from cvtasks.demo import cifar as demo_cifar
+from cvtasks.images import object_array
 from cvtasks.tasks import get_task
 from pipelines.config import load_config
 from pipelines.data import augments_in_worker, build_split, task_path
@@ -69,12 +70,7 @@ def _image_batches(shapes: list[list[tuple[int, int]]]) -> list[dict[str, np.nda
     for batch_shapes in shapes:
         ids = np.arange(first, first + len(batch_shapes))
         rows = [np.full((*shape, 3), i % 256, np.uint8) for i, shape in zip(ids, batch_shapes, strict=True)]
-        if len(set(batch_shapes)) == 1:
-            image = np.stack(rows)
-        else:
-            image = np.empty(len(rows), dtype=object)
-            for i, row in enumerate(rows):
-                image[i] = row
+        image = np.stack(rows) if len(set(batch_shapes)) == 1 else object_array(rows)
         batches.append({"id": ids, "image": image})
         first += len(rows)
     return batches

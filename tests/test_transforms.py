@@ -29,7 +29,7 @@ def test_hflip_mirrors_exactly_the_chosen_images():
 
 def test_mirror_columns_and_fill_color_in_place_equal_numpy():
     rng = np.random.default_rng(0)
-    for shape in ((5, 7, 3), (5, 7), (1, 1, 3)):
+    for shape in ((5, 7, 3), (5, 7), (1, 1, 3), (75, 300, 3)):  # the last in three bands of rows
         array = rng.integers(0, 256, shape, dtype=np.uint8)
         mirrored = array.copy()
         T.mirror_columns(mirrored)
